@@ -1,0 +1,72 @@
+"""Config -> objects, shared by `latentlab-train`, `latentlab-eval`, tests and notebooks.
+
+The data module is built first because the model's input size and image shape come from it
+(the same link LightningCLI makes with `link_arguments`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import lightning.pytorch as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from latentlab.errors import ConfigError
+from latentlab.models.base import LatentVariableModel
+
+
+def resolve_paths(cfg: DictConfig) -> None:
+    """Make `paths.data_dir` absolute against the directory the user ran from (Hydra keeps the cwd)."""
+    if "paths" in cfg and cfg.paths.get("data_dir") is not None:
+        with open_dict(cfg):
+            cfg.paths.data_dir = str(Path(os.path.expanduser(str(cfg.paths.data_dir))).resolve())
+
+
+def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    if cfg.get("data") is None or "_target_" not in cfg.data:
+        raise ConfigError("no dataset selected: pass data=digits|mnist|fashion_mnist|binarized_mnist|...")
+    return instantiate(cfg.data)
+
+
+def build_model(cfg: DictConfig, datamodule: L.LightningDataModule) -> LatentVariableModel:
+    if cfg.get("model") is None or "_target_" not in cfg.model:
+        raise ConfigError("no model selected: pass model=vae|avb|avb_ac|almond")
+    model = instantiate(cfg.model, data_dim=datamodule.data_dim, image_shape=getattr(datamodule, "image_shape", None),
+                        _recursive_=True)
+    model.run_config = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    return model
+
+
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
+
+
+def build_loggers(cfg: DictConfig) -> list[Any]:
+    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None and "_target_" in c]
+
+
+def write_json_atomic(path: str | Path, payload: Mapping[str, Any]) -> None:
+    """Write then rename, so a reader never sees half a metrics file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(dict(payload), fh, indent=2, sort_keys=True)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Lightning's callback_metrics -> flat {key: float} for metrics.json."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        try:
+            out[key] = float(value)
+        except (TypeError, ValueError):
+            continue
+    return out

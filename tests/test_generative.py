@@ -1,0 +1,81 @@
+"""The model p(x, z): likelihoods against torch.distributions, KL against Monte Carlo, shapes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Bernoulli, Independent, Normal
+
+from latentlab import BernoulliLikelihood, GaussianLikelihood, GenerativeModel
+from latentlab.analytic import LinearGaussian
+from latentlab.models.vae import gaussian_kl_to_standard_normal
+from latentlab.nets import NetSpec, build_decoder, build_encoder
+
+
+def test_bernoulli_log_prob_matches_torch_distributions() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = 8 * torch.randn(16, 30, generator=g)  # large logits: the stable form must not overflow
+    x = torch.bernoulli(torch.full((16, 30), 0.3), generator=g)
+    expected = Independent(Bernoulli(logits=logits), 1).log_prob(x)
+    torch.testing.assert_close(BernoulliLikelihood().log_prob(x, logits), expected)
+
+
+@pytest.mark.parametrize("learn_variance,per_sample", [(False, False), (True, False), (True, True)])
+def test_gaussian_log_prob_matches_torch_distributions(learn_variance: bool, per_sample: bool) -> None:
+    g = torch.Generator().manual_seed(1)
+    lik = GaussianLikelihood(10, variance=0.3, learn_variance=learn_variance, per_sample=per_sample)
+    params = torch.randn(5, 10 * lik.param_multiplier, generator=g)
+    x = torch.randn(5, 10, generator=g)
+    if per_sample:
+        mu, log_var = params.chunk(2, -1)
+    else:
+        mu, log_var = params, torch.full_like(params, math.log(0.3))
+    expected = Independent(Normal(mu, torch.exp(0.5 * log_var)), 1).log_prob(x)
+    torch.testing.assert_close(lik.log_prob(x, params), expected)
+    assert any(p.requires_grad for p in lik.parameters()) == (learn_variance and not per_sample)
+
+
+def test_analytic_kl_matches_monte_carlo() -> None:
+    g = torch.Generator().manual_seed(2)
+    mu, log_var = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    q = Independent(Normal(mu, torch.exp(0.5 * log_var)), 1)
+    p = Independent(Normal(torch.zeros(3), torch.ones(3)), 1)
+    n = 200_000
+    z = mu + torch.exp(0.5 * log_var) * torch.randn(n, 4, 3, generator=g)
+    terms = q.log_prob(z) - p.log_prob(z)  # (n, 4)
+    mc, se = terms.mean(0), terms.std(0) / math.sqrt(n)
+    analytic = gaussian_kl_to_standard_normal(mu, log_var)
+    assert torch.all((mc - analytic).abs() < 4 * se), (mc, analytic, se)
+    torch.testing.assert_close(analytic, torch.distributions.kl_divergence(q, p))
+
+
+def test_log_joint_broadcasts_over_sample_dims_and_matches_closed_form() -> None:
+    g = torch.Generator().manual_seed(3)
+    lg = LinearGaussian.random(6, 2, s2=0.4, generator=g)
+    model = lg.to_model()
+    x, _ = lg.sample(5, generator=g)
+    z = torch.randn(7, 5, 2, generator=g)
+    lj = model.log_joint(x, z)
+    assert lj.shape == (7, 5)
+    # log p(x, z) = log p(z | x) + log p(x): check against the exact posterior and marginal
+    mean, cov = lg.posterior(x)
+    log_post = torch.distributions.MultivariateNormal(mean, cov).log_prob(z)
+    torch.testing.assert_close(lj, log_post + lg.log_marginal(x), rtol=1e-4, atol=1e-4)
+    assert model.sample(4).shape == (4, 6)
+
+
+def test_prior_rejects_impossible_latent_dim() -> None:
+    with pytest.raises(ValueError, match="latent_dim"):
+        GenerativeModel(torch.nn.Identity(), BernoulliLikelihood(), 0)
+
+
+def test_nets_shapes_for_mlp_and_conv() -> None:
+    x = torch.rand(3, 784)
+    for kind in ("mlp", "conv"):
+        spec = NetSpec(kind=kind, hidden_dims=[32])
+        enc = build_encoder(spec, 784, 2 * 4, (1, 28, 28))
+        dec = build_decoder(spec, 4, 2 * 784, (1, 28, 28))
+        assert enc(x).shape == (3, 8)
+        assert dec(torch.randn(3, 4)).shape == (3, 1568)
