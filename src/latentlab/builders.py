@@ -30,14 +30,15 @@ def resolve_paths(cfg: DictConfig) -> None:
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     if cfg.get("data") is None or "_target_" not in cfg.data:
         raise ConfigError("no dataset selected: pass data=digits|mnist|fashion_mnist|binarized_mnist|...")
-    return instantiate(cfg.data)
+    # _convert_="all": plain dicts/lists reach the constructors, so saved hyperparameters stay weights_only-loadable
+    return instantiate(cfg.data, _convert_="all")
 
 
 def build_model(cfg: DictConfig, datamodule: L.LightningDataModule) -> LatentVariableModel:
     if cfg.get("model") is None or "_target_" not in cfg.model:
         raise ConfigError("no model selected: pass model=vae|avb|avb_ac|almond")
     model = instantiate(cfg.model, data_dim=datamodule.data_dim, image_shape=getattr(datamodule, "image_shape", None),
-                        _recursive_=True)
+                        _recursive_=True, _convert_="all")
     model.run_config = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     return model
 

@@ -20,6 +20,7 @@ from latentlab.builders import build_datamodule, build_loggers, build_model, res
 from latentlab.errors import CheckpointError, LatentlabError
 
 log = logging.getLogger("latentlab")
+EVAL_SPEC_KEYS = ("nll", "k", "chunk_size", "ais_steps", "ais_chains", "ais_leapfrog", "max_batches")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -56,8 +57,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         run_cfg.paths.data_dir = cfg.paths.data_dir  # the data live where the evaluator runs
         if cfg.get("data_overrides"):
             run_cfg.data = OmegaConf.merge(run_cfg.data, cfg.data_overrides)
-        if cfg.get("eval_overrides"):
-            run_cfg.model.eval = OmegaConf.merge(run_cfg.model.get("eval", {}), cfg.eval_overrides)
+        overrides = {("estimator" if k == "nll" else k): v for k, v in (cfg.get("eval") or {}).items()
+                     if v is not None and k in EVAL_SPEC_KEYS}
+        run_cfg.model.eval = OmegaConf.merge(run_cfg.model.get("eval") or {}, overrides)
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
     datamodule = build_datamodule(run_cfg)

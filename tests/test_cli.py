@@ -1,0 +1,126 @@
+"""End to end through the real entry points (`python -m latentlab.train` / `latentlab.evaluate`),
+as a user runs them: outputs, resume, eval, multirun, W&B offline, and every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+FAST = ["trainer.max_epochs=1", "model.eval.k=5", "callbacks.image_grid.n=16", "+trainer.limit_train_batches=5",
+        "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2"]
+
+
+def run(module: str, *overrides: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, "-m", module, *overrides], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def train(tmp_path: Path, *overrides: str, run_dir: str = "run") -> tuple[subprocess.CompletedProcess[str], Path]:
+    out = tmp_path / run_dir
+    proc = run("latentlab.train", f"hydra.run.dir={out}", *overrides, cwd=tmp_path)
+    return proc, out
+
+
+def test_default_run_writes_the_run_directory_contract(tmp_path: Path) -> None:
+    proc, out = train(tmp_path, "trainer.max_epochs=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("train/loss", "val/elbo", "val/kl", "val/recon", "val/nll", "test/nll", "test/elbo"):
+        assert key in metrics, key
+    # log-likelihood bound: NLL (IS, k samples) can't be worse than the negative ELBO on the same split, up to MC noise
+    assert metrics["test/nll"] <= -metrics["test/elbo"] + 1.0
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert (out / ".hydra" / "config.yaml").is_file()
+    assert (out / "samples.png").is_file() and (out / "reconstructions.png").is_file()
+    assert (out / "csv" / "metrics.csv").is_file()
+
+
+def test_resume_from_last_checkpoint_continues_training(tmp_path: Path) -> None:
+    proc, out = train(tmp_path, *FAST, run_dir="first")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = out / "checkpoints" / "last.ckpt"
+    proc2, out2 = train(tmp_path, *FAST[1:], "trainer.max_epochs=2", f"ckpt_path={ckpt}", run_dir="resumed")
+    assert proc2.returncode == 0, proc2.stderr[-3000:]
+    first = torch.load(ckpt, weights_only=True, map_location="cpu")
+    resumed = torch.load(out2 / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert first["global_step"] == 5 and resumed["global_step"] == 10  # 5 batches in each of 2 epochs
+    assert resumed["epoch"] == first["epoch"] + 1
+
+
+def test_eval_of_a_checkpoint_writes_metrics(tmp_path: Path) -> None:
+    proc, out = train(tmp_path, *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    eval_dir = tmp_path / "eval"
+    proc = run("latentlab.evaluate", f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={eval_dir}",
+               "eval.k=5", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    assert metrics["method"] == "vae" and "test/nll" in metrics
+    assert "test/nll" in (eval_dir / "metrics.md").read_text()
+
+
+def test_multirun_makes_one_directory_per_job(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    proc = run("latentlab.train", "-m", "model.latent_dim=2,4", *FAST, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dims = []
+    for job in ("0", "1"):
+        assert (sweep / job / "metrics.json").is_file()
+        dims.append(yaml.safe_load((sweep / job / ".hydra" / "config.yaml").read_text())["model"]["latent_dim"])
+    assert dims == [2, 4]
+
+
+def test_mnist_subset_runs(tmp_path: Path, shared_data_dir: Path) -> None:
+    proc, out = train(tmp_path, "data=mnist", f"paths.data_dir={shared_data_dir}", "data.train_subset=500",
+                      "data.test_subset=200", "data.binarize=dynamic", *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test/nll" in json.loads((out / "metrics.json").read_text())
+
+
+def test_wandb_offline_writes_run_files_without_login(tmp_path: Path) -> None:
+    proc, out = train(tmp_path, "logger=wandb", *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert runs and list(runs[0].glob("*.wandb")), "no offline W&B run file"
+    media = list(runs[0].rglob("*.png"))
+    assert media, "images were not logged to W&B"
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["model=nosuchmodel"], "nosuchmodel"),
+        (["model.latent_dim=0"], "latent_dim"),
+        (["model.latent_dim=-3"], "latent_dim"),
+        (["model.optimizer.lr=-0.1"], "lr"),
+        (["data.batch_size=0"], "batch_size"),
+        (["data=mnist", "paths.data_dir=/nonexistent/latentlab-data"], "/nonexistent/latentlab-data"),
+    ],
+)
+def test_bad_input_fails_before_training_with_a_clear_message(tmp_path: Path, overrides: list[str], message: str) -> None:
+    proc, out = train(tmp_path, *overrides)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (out / "metrics.json").exists() and not (out / "checkpoints").exists()
+
+
+def test_corrupted_data_file_is_refused(tmp_path: Path, shared_data_dir: Path) -> None:
+    bad = tmp_path / "data" / "mnist"
+    bad.mkdir(parents=True)
+    for f in (shared_data_dir / "mnist").iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    target = bad / "t10k-images-idx3-ubyte.gz"
+    target.write_bytes(target.read_bytes()[:-1000])  # truncated
+    proc, out = train(tmp_path, "data=mnist", f"paths.data_dir={tmp_path / 'data'}")
+    assert proc.returncode != 0
+    assert "t10k-images-idx3-ubyte.gz" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (out / "metrics.json").exists()
