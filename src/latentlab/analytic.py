@@ -6,6 +6,7 @@ p(z | x) = N(M^{-1} W^T (x - b) / s2 ... ) with M = I + W^T W / s2 (posterior pr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -54,11 +55,13 @@ class LinearGaussian:
 
     def to_model(self) -> GenerativeModel:
         """The same p(x, z) as a `GenerativeModel` with a linear decoder (for evaluators and samplers)."""
-        decoder = nn.Linear(self.latent_dim, self.data_dim)
+        decoder = nn.Linear(self.latent_dim, self.data_dim, dtype=self.W.dtype)
         with torch.no_grad():
             decoder.weight.copy_(self.W)
             decoder.bias.copy_(self.b)
-        return GenerativeModel(decoder, GaussianLikelihood(self.data_dim, variance=self.s2), self.latent_dim)
+        likelihood = GaussianLikelihood(self.data_dim, variance=self.s2)
+        likelihood.log_var = torch.full((self.data_dim,), math.log(self.s2), dtype=self.W.dtype)  # no float32 rounding
+        return GenerativeModel(decoder, likelihood, self.latent_dim).to(self.W.dtype)
 
     @staticmethod
     def random(data_dim: int, latent_dim: int, s2: float = 0.5, generator: torch.Generator | None = None) -> "LinearGaussian":

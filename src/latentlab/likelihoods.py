@@ -37,7 +37,8 @@ class BernoulliLikelihood(Likelihood):
 
     def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
         # -BCE with logits is log p stably for any logit magnitude.
-        x, params = torch.broadcast_tensors(x, params)
+        if x.shape != params.shape:  # the common equal-shape case skips the broadcast (hot path)
+            x, params = torch.broadcast_tensors(x, params)
         return -F.binary_cross_entropy_with_logits(params, x, reduction="none").sum(-1)
 
     def mean(self, params: Tensor) -> Tensor:

@@ -12,8 +12,9 @@ Accuracy: the grid covers [-limit, limit]^2; the prior mass outside is 1 - (1 - 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import lightning.pytorch as L
 import torch
@@ -50,7 +51,9 @@ def grid_log_joint(model: GenerativeModel, x: Tensor, z: Tensor, max_elements: i
     params = model.decode(z)
     log_prior = model.prior.log_prob(z)
     chunk = max(1, max_elements // max(1, x.shape[0] * params.shape[-1]))
-    out = [model.likelihood.log_prob(x, params[i: i + chunk, None, :]) for i in range(0, z.shape[0], chunk)]
+    batch = x.shape[0]
+    out = [model.likelihood.log_prob(x, params[i: i + chunk, None, :].expand(-1, batch, -1))
+           for i in range(0, z.shape[0], chunk)]
     return torch.cat(out, 0) + log_prior[:, None]
 
 
@@ -71,12 +74,14 @@ def grid_posterior(model: GenerativeModel, x: Tensor, limit: float = 6.0, resolu
     return probs.reshape(x.shape[0], int(resolution), int(resolution)), axis
 
 
+@torch.no_grad()
 def posterior_samples(module: Any, x: Tensor, index: Tensor | None, n: int) -> Tensor | None:
-    """n draws (n, batch, d) of the method's own approximate posterior, if it has one: an implicit
-    sampler (`sample_posterior`, e.g. AVB's encoder) or an explicit `proposal` (the VAE's q)."""
-    sampler = getattr(module, "sample_posterior", None)
-    if callable(sampler):
-        return sampler(x, n)
+    """n draws (n, batch, d) of the method's own approximate posterior, if it has one: the
+    `posterior_draws` hook of LatentVariableModel (AVB's encoder, ALMOND's chains, the VAE's q),
+    else an explicit `proposal`."""
+    draws = getattr(module, "posterior_draws", None)
+    if callable(draws):
+        return draws(x, index, n)
     proposal = getattr(module, "proposal", None)
     q = proposal(x, index) if callable(proposal) else None
     return q.sample((n,)) if q is not None else None
@@ -165,8 +170,7 @@ class PosteriorGrid(L.Callback):
         keep = _first_distinct(x, self.n_points)
         x, index = x[keep], index[keep]
         exact, axis = grid_posterior(pl_module.model, x, self.limit, self.resolution)
-        with torch.no_grad():
-            samples = posterior_samples(pl_module, x, index, self.n_samples)
+        samples = posterior_samples(pl_module, x, index, self.n_samples)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         plot_posteriors(self.output_dir / self.filename, exact, axis, samples, title=f"{getattr(pl_module, 'method', '')}")
 
@@ -182,5 +186,12 @@ def _first_distinct(x: Tensor, n: int) -> Tensor:
     return torch.tensor(keep, dtype=torch.long, device=x.device)
 
 
-__all__ = ["latent_grid", "grid_log_joint", "grid_log_likelihood", "grid_posterior", "posterior_samples",
-           "plot_posteriors", "PosteriorGrid"]
+__all__ = [
+    "PosteriorGrid",
+    "grid_log_joint",
+    "grid_log_likelihood",
+    "grid_posterior",
+    "latent_grid",
+    "plot_posteriors",
+    "posterior_samples",
+]
