@@ -9,15 +9,51 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any
 
-import lightning.pytorch as L
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from latentlab.errors import ConfigError
-from latentlab.models.base import LatentVariableModel
+from latentlab.errors import ConfigError, LatentlabError
+
+if TYPE_CHECKING:
+    import lightning.pytorch as L
+
+    from latentlab.models.base import LatentVariableModel
+
+
+def instantiate_section(key: str, node: Any, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, with the error a user can act on: Hydra wraps whatever a constructor
+    raises in an InstantiationException ("Error in call to target ..."); unwrap our own `ConfigError`/
+    `DataError`, and turn anything else (a TypeError, a ValueError) into a ConfigError naming `key`."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        cause: BaseException = exc
+        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, LatentlabError):
+            raise cause from None
+        target = node.get("_target_") if hasattr(node, "get") else None
+        detail = f"{type(cause).__name__}: {cause}" if cause is not exc else str(exc).strip().splitlines()[0]
+        raise ConfigError(f"{key}: cannot build {target or 'it'} from the config: {detail}") from None
+
+
+def compose_config(overrides: list[str] | None = None, output_dir: str | Path | None = None,
+                   config_name: str = "train") -> DictConfig:
+    """The config `latentlab-train` (or `-eval`) would run with these overrides, for tests and notebooks;
+    `output_dir` stands in for the run directory Hydra would create."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="latentlab.conf", version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=list(overrides or []))
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+    return cfg
 
 
 def resolve_paths(cfg: DictConfig) -> None:
@@ -31,24 +67,30 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     if cfg.get("data") is None or "_target_" not in cfg.data:
         raise ConfigError("no dataset selected: pass data=digits|mnist|fashion_mnist|binarized_mnist|...")
     # _convert_="all": plain dicts/lists reach the constructors, so saved hyperparameters stay weights_only-loadable
-    return instantiate(cfg.data, _convert_="all")
+    return instantiate_section("data", cfg.data, _convert_="all")
 
 
 def build_model(cfg: DictConfig, datamodule: L.LightningDataModule) -> LatentVariableModel:
     if cfg.get("model") is None or "_target_" not in cfg.model:
         raise ConfigError("no model selected: pass model=vae|avb|avb_ac|almond")
-    model = instantiate(cfg.model, data_dim=datamodule.data_dim, image_shape=getattr(datamodule, "image_shape", None),
-                        _recursive_=True, _convert_="all")
+    model = instantiate_section("model", cfg.model, data_dim=datamodule.data_dim,
+                                image_shape=getattr(datamodule, "image_shape", None), _recursive_=True, _convert_="all")
     model.run_config = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     return model
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
+    return [instantiate_section(f"callbacks.{name}", c) for name, c in (cfg.get("callbacks") or {}).items()
+            if c is not None and "_target_" in c]
 
 
 def build_loggers(cfg: DictConfig) -> list[Any]:
-    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None and "_target_" in c]
+    return [instantiate_section(f"logger.{name}", c) for name, c in (cfg.get("logger") or {}).items()
+            if c is not None and "_target_" in c]
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> L.Trainer:
+    return instantiate_section("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 
 def write_json_atomic(path: str | Path, payload: Mapping[str, Any]) -> None:

@@ -1,26 +1,67 @@
-"""`latentlab-eval ckpt_path=PATH`: rebuild any method's model from the config saved in its checkpoint,
-evaluate it on the test split with the shared evaluator, and write `metrics.json` + `metrics.md`.
+"""`latentlab-eval ckpt_path=PATH`: one evaluator for every method.
 
-Checkpoints are read with `torch.load(weights_only=True)`: no code from a checkpoint is executed.
+Rebuilds any method's model from the config saved in its checkpoint and judges it on the test split:
+
+- log p(x) (`test/nll` +/- `test/nll_se`, nats per example) in the Lightning test pass, with the
+  method's proposal (importance sampling) or AIS (`eval.nll`, `eval.ais_init`);
+- `eval.bdmc`: BDMC bounds on data simulated from the model (`test/bdmc_lower|upper|gap`): how far to trust AIS;
+- `eval.gaps`: the inference gap log p(x) - the method's own bound, split into approximation and
+  amortization gaps for amortized Gaussian posteriors (`test/inference_gap`, ...);
+- `eval.samples`: FID/KID/IS/precision/recall in a per-dataset classifier's feature space, trained
+  once and cached under the data directory (`test/fid`, ..., `test/classifier_acc`);
+- 2-d latents: `posteriors.png`, exact posteriors beside the method's posterior draws.
+
+Writes `metrics.json` and `metrics.md` into the run directory; a multirun over checkpoints also writes
+the comparison table (`latentlab.compare`). With `logger=wandb` the metrics become the run summary
+and the pictures W&B images. Checkpoints are read with `torch.load(weights_only=True)`: no code from a
+checkpoint is executed.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import sys
+import time
+from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import hydra
 import lightning.pytorch as L
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import Tensor
 
-from latentlab.builders import build_datamodule, build_loggers, build_model, resolve_paths, scalar_metrics, write_json_atomic
-from latentlab.errors import CheckpointError, LatentlabError
+from latentlab.builders import (
+    build_datamodule,
+    build_loggers,
+    build_model,
+    build_trainer,
+    resolve_paths,
+    scalar_metrics,
+    write_json_atomic,
+)
+from latentlab.compare import comparison_table
+from latentlab.errors import CheckpointError, ConfigError, LatentlabError
+from latentlab.metrics.classifier import DomainClassifier, Splits, load_or_train_classifier
+from latentlab.metrics.loglik import AnnealedImportanceSampling
+from latentlab.metrics.posterior import (
+    GapSettings,
+    bdmc_metrics,
+    inference_gap_metrics,
+    plot_posterior_pictures,
+    posterior_pictures,
+)
+from latentlab.models.base import LatentVariableModel
 
 log = logging.getLogger("latentlab")
-EVAL_SPEC_KEYS = ("nll", "k", "chunk_size", "ais_steps", "ais_chains", "ais_leapfrog", "max_batches")
+#: eval.* keys that override the run's `model.eval` (EvalSpec); `nll` is EvalSpec's `estimator`.
+EVAL_SPEC_KEYS = ("nll", "k", "chunk_size", "ais_steps", "ais_chains", "ais_leapfrog", "ais_init", "max_batches")
+#: Data-module arguments that give the canonical labelled splits a dataset's classifier is trained on.
+CANONICAL_DATA = {"binarize": "none", "binarize_threshold": None, "train_subset": None, "val_subset": None,
+                  "test_subset": None, "val_size": 0}
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -41,20 +82,235 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def markdown_table(rows: dict[str, dict[str, float]]) -> str:
-    """{run: {metric: value}} -> a markdown table, metrics as columns."""
-    keys = sorted({k for r in rows.values() for k in r})
-    lines = ["| run | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    for name, r in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.4f}" if k in r else "" for k in keys) + " |")
-    return "\n".join(lines) + "\n"
+    """{run: {metric: value}} -> a markdown table, metrics as columns (see `latentlab.compare`)."""
+    return comparison_table(rows)
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass
+class Analyses:
+    """The analyses after the test pass (conf/eval.yaml `eval.*`), checked before anything is loaded."""
+
+    samples: int = 0
+    gaps: int = 0
+    bdmc: int = 0
+    posterior_plots: int = 4
+    posterior_draws: int = 500
+    batch_size: int = 100
+    grid_limit: float = 6.0
+    grid_resolution: int = 121
+    gap: GapSettings = field(default_factory=GapSettings)
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig | None) -> "Analyses":
+        cfg = cfg if cfg is not None else OmegaConf.create({})
+        counts = {key: cfg.get(key, getattr(cls, key)) for key in
+                  ("samples", "gaps", "bdmc", "posterior_plots", "posterior_draws", "batch_size")}
+        for key, value in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "batch_size" else 0):
+                raise ConfigError(f"eval.{key} must be an integer >= {1 if key == 'batch_size' else 0}, got {value!r}")
+        grid = cfg.get("grid") or {}
+        gap = OmegaConf.to_container(cfg.gap, resolve=True) if cfg.get("gap") is not None else {}
+        try:
+            gap_settings = GapSettings(**gap)  # type: ignore[arg-type]
+        except TypeError as exc:
+            raise ConfigError(f"eval.gap: {exc}") from None
+        quality = cfg.get("quality") or {}
+        if quality.get("generated", "mean") not in ("mean", "sample"):
+            raise ConfigError(f"eval.quality.generated must be mean|sample, got {quality.get('generated')!r}")
+        limit, resolution = grid.get("limit", 6.0), grid.get("resolution", 121)
+        if not (isinstance(limit, (int, float)) and limit > 0 and isinstance(resolution, int) and resolution >= 2):
+            raise ConfigError(f"eval.grid needs limit > 0 and an integer resolution >= 2, got {limit!r}, {resolution!r}")
+        return cls(**counts, grid_limit=float(limit), grid_resolution=resolution, gap=gap_settings)
+
+
+# --------------------------------------------------------------------------- sample quality
+
+
+def data_config_by_name(name: str, cfg: DictConfig) -> DictConfig:
+    """conf/data/<name>.yaml resolved against this run's `paths.data_dir` and `seed`."""
+    source = files("latentlab.conf").joinpath("data", f"{name}.yaml")
+    if not source.is_file():
+        known = sorted(p.name.removesuffix(".yaml") for p in files("latentlab.conf").joinpath("data").iterdir()
+                       if p.name.endswith(".yaml"))
+        raise ConfigError(f"unknown dataset {name!r} for train_classifier; choose one of {known}")
+    root = OmegaConf.create({"paths": {"data_dir": cfg.paths.data_dir}, "seed": cfg.get("seed"),
+                             "data": OmegaConf.load(str(source))})
+    return OmegaConf.create(OmegaConf.to_container(root, resolve=True)["data"])  # type: ignore[index]
+
+
+def classifier_splits(data_cfg: DictConfig) -> tuple[str, Splits, tuple[int, ...] | None] | None:
+    """(dataset name, (x_train, y_train, x_test, y_test), image_shape) of a dataset's canonical splits:
+    grey levels, no subsets, validation folded back into training. None when the dataset has no labels."""
+    canonical = OmegaConf.to_container(data_cfg, resolve=True)
+    assert isinstance(canonical, dict)
+    canonical.update({k: v for k, v in CANONICAL_DATA.items() if k in canonical})
+    datamodule = hydra.utils.instantiate(canonical, _convert_="all")
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    labels = [datamodule.labels(s) for s in ("train", "val", "test")]
+    if labels[0] is None or labels[2] is None:
+        return None
+    x_train, y_train = datamodule.data("train"), labels[0]
+    if datamodule.num_val and labels[1] is not None:
+        x_train, y_train = torch.cat([x_train, datamodule.data("val")]), torch.cat([y_train, labels[1]])
+    splits = (x_train, y_train, datamodule.data("test"), labels[2])
+    return datamodule.name, splits, getattr(datamodule, "image_shape", None)
+
+
+def dataset_classifier(data_cfg: DictConfig, qcfg: DictConfig, device: torch.device | str = "cpu"
+                       ) -> tuple[DomainClassifier, Splits] | None:
+    """The dataset's cached classifier (trained on a miss) and the splits it was trained on; None without labels."""
+    found = classifier_splits(data_cfg)
+    if found is None:
+        return None
+    name, splits, image_shape = found
+    c = qcfg.classifier
+    batch_size = int(c.get("batch_size", 128))
+    epochs = max(int(c.epochs), math.ceil(int(c.get("min_steps", 0)) / math.ceil(len(splits[0]) / batch_size)))
+    cache_dir = c.cache_dir if c.get("cache_dir") is not None else data_cfg.get("data_dir", "data")
+    classifier, acc = load_or_train_classifier(name, cache_dir, lambda: splits, image_shape, epochs=epochs,
+                                               seed=int(c.seed), device=device, batch_size=batch_size)
+    log.info("%s classifier: test accuracy %.4f (cache %s/%s)", name, acc, cache_dir, name)
+    return classifier, splits
+
+
+def sample_quality_metrics(model: LatentVariableModel, data_cfg: DictConfig, qcfg: DictConfig, n: int,
+                           generator: torch.Generator) -> dict[str, float] | None:
+    """FID/KID/IS/precision/recall of n generated samples against n real test images (fewer if the test
+    split is smaller), plus the classifier's own test accuracy; None (with a note) without labels."""
+    device = next(model.parameters()).device
+    found = dataset_classifier(data_cfg, qcfg, device)
+    if found is None:
+        log.info("note: dataset %s has no labels, so no classifier: sample-quality metrics skipped",
+                 data_cfg.get("_target_", "?"))
+        return None
+    classifier, (_, _, x_test, _) = found
+    if classifier.config["data_dim"] != model.data_dim:
+        log.warning("the dataset's classifier takes %d inputs but the model makes %d: sample quality skipped",
+                    classifier.config["data_dim"], model.data_dim)
+        return None
+    metric = hydra.utils.instantiate(qcfg.metric)(classifier).to(device)
+    rows = torch.randperm(len(x_test), generator=torch.Generator().manual_seed(int(qcfg.classifier.seed)))[:n]
+    batch = int(qcfg.get("batch_size", 1000))
+    for chunk in x_test[rows].split(batch):
+        metric.update(chunk.to(device), real=True)
+    for start in range(0, n, batch):
+        fake = model.model.sample(min(batch, n - start), generator=generator, mean=qcfg.get("generated", "mean") == "mean")
+        metric.update(fake, real=False)
+    return metric.compute()
+
+
+def train_classifier_only(cfg: DictConfig) -> dict[str, float]:
+    """`latentlab-eval train_classifier=<dataset>`: train (or find cached) the dataset's classifier."""
+    found = dataset_classifier(data_config_by_name(str(cfg.train_classifier), cfg), cfg.eval.quality)
+    if found is None:
+        raise ConfigError(f"dataset {cfg.train_classifier!r} has no labels: there is no classifier to train")
+    acc = float(found[0].test_accuracy)
+    print(f"{cfg.train_classifier} classifier: test accuracy {acc:.4f}")
+    return {"test/classifier_acc": acc}
+
+
+# --------------------------------------------------------------------------- posterior analyses
+
+
+def first_test_batches(datamodule: L.LightningDataModule, n: int, batch_size: int,
+                       device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+    """The first n test examples as (x, index) batches of `batch_size`, on `device`."""
+    seen = 0
+    for x, index in datamodule.test_dataloader():
+        x, index = x[: n - seen], index[: n - seen]
+        for xs, idx in zip(x.split(batch_size), index.split(batch_size), strict=True):
+            yield xs.to(device), idx.to(device)
+        seen += len(x)
+        if seen >= n:
+            return
+
+
+def run_analyses(model: LatentVariableModel, datamodule: L.LightningDataModule, run_cfg: DictConfig, cfg: DictConfig,
+                 plan: Analyses, out: Path, device: torch.device) -> tuple[dict[str, float], dict[str, Path]]:
+    """Every analysis `plan` asks for: ({test/<name>: value}, {image key: png path})."""
+    metrics: dict[str, float] = {}
+    images: dict[str, Path] = {}
+    seed = int(cfg.seed) if cfg.get("seed") is not None else 0
+    generator = torch.Generator(device).manual_seed(seed)
+
+    def timed(what: str, start: float) -> None:
+        log.info("%s done in %.1f s", what, time.perf_counter() - start)
+
+    images["samples"] = _sample_grid(model, out / "samples.png", generator)
+    if plan.bdmc:
+        t0, spec = time.perf_counter(), model.eval_spec
+        ais = AnnealedImportanceSampling(n_steps=spec.ais_steps, n_chains=1, leapfrog_steps=spec.ais_leapfrog)
+        metrics.update(bdmc_metrics(model, plan.bdmc, ais, plan.batch_size, generator))
+        timed(f"BDMC on {plan.bdmc} simulated examples", t0)
+    if plan.gaps:
+        t0 = time.perf_counter()
+        batches = first_test_batches(datamodule, plan.gaps, plan.batch_size, device)
+        gaps = inference_gap_metrics(model, batches, plan.gap, generator)
+        if gaps is None:
+            log.info("note: %s has no per-example bound (elbo_estimate): inference gap skipped", model.method)
+        else:
+            metrics.update(gaps)
+            timed(f"inference gaps on {plan.gaps} test examples", t0)
+    if plan.posterior_plots:
+        if model.latent_dim == 2:
+            x, index = next(first_test_batches(datamodule, plan.posterior_plots, plan.posterior_plots, device))
+            pictures = posterior_pictures(model, x, index, plan.posterior_draws, plan.grid_limit, plan.grid_resolution,
+                                          generator)
+            images["posteriors"] = plot_posterior_pictures(out / "posteriors.png", pictures, x, model.image_shape,
+                                                           title=f"{model.method}: exact vs method posterior")
+        else:
+            log.info("note: posterior pictures need a 2-d latent (this model has %d): skipped", model.latent_dim)
+    if plan.samples:
+        t0 = time.perf_counter()
+        quality = sample_quality_metrics(model, run_cfg.data, cfg.eval.quality, plan.samples, generator)
+        if quality is not None:
+            metrics.update(quality)
+            timed(f"sample quality of {plan.samples} samples", t0)
+    return {f"test/{k}": float(v) for k, v in metrics.items()}, images
+
+
+def _sample_grid(model: LatentVariableModel, path: Path, generator: torch.Generator, n: int = 64) -> Path:
+    from latentlab.callbacks.images import save_image_grid
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image_grid(model.sample(n, generator=generator).cpu(), model.image_shape, path, nrow=8, title="samples")
+    return path
+
+
+def publish(loggers: list[Any], metrics: dict[str, float], extra: dict[str, float], images: dict[str, Path]) -> None:
+    """Send the analyses' metrics to every logger; W&B also gets all metrics as the run summary, the
+    pictures as images, and its run is finished (a multirun's next job starts a new one)."""
+    for logger in loggers:
+        if extra:
+            logger.log_metrics(extra)
+        if type(logger).__name__ == "WandbLogger":
+            logger.experiment.summary.update(metrics)
+            for key, path in images.items():
+                logger.log_image(key=key, images=[str(path)])
+            logger.experiment.finish()
+        else:
+            logger.save()
+
+
+# --------------------------------------------------------------------------- entry point
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Evaluate one checkpoint (see module doc); returns the numeric metrics it wrote to metrics.json."""
     resolve_paths(cfg)
+    if cfg.get("train_classifier"):
+        return train_classifier_only(cfg)
+    plan = Analyses.from_config(cfg.get("eval"))
     ckpt = load_checkpoint(cfg.ckpt_path)
     run_cfg = OmegaConf.create(ckpt["latentlab"]["config"])
     with open_dict(run_cfg):
         run_cfg.paths.data_dir = cfg.paths.data_dir  # the data live where the evaluator runs
+        if "data_dir" in run_cfg.data:  # saved resolved at training time: point it here too
+            run_cfg.data.data_dir = cfg.paths.data_dir
         if cfg.get("data_overrides"):
             run_cfg.data = OmegaConf.merge(run_cfg.data, cfg.data_overrides)
         overrides = {("estimator" if k == "nll" else k): v for k, v in (cfg.get("eval") or {}).items()
@@ -73,16 +329,22 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                               "was it written by another version?")
     if hasattr(model, "on_load_checkpoint"):
         model.on_load_checkpoint(ckpt)
-    trainer = hydra.utils.instantiate(cfg.trainer, logger=build_loggers(cfg) or False, callbacks=[])
+    loggers = build_loggers(cfg)
+    trainer = build_trainer(cfg, [], loggers)
     trainer.test(model, datamodule=datamodule)
     metrics = scalar_metrics(trainer.callback_metrics)
-    metrics["method"] = ckpt["latentlab"]["method"]  # type: ignore[assignment]
+
     out = Path(cfg.paths.output_dir)
-    write_json_atomic(out / "metrics.json", metrics)
-    numeric = {k: v for k, v in metrics.items() if isinstance(v, float)}
-    (out / "metrics.md").write_text(markdown_table({f"{metrics['method']} ({cfg.ckpt_path})": numeric}))
-    log.info("metrics: %s", numeric)
-    return numeric
+    device = trainer.strategy.root_device
+    model.to(device).eval()
+    extra, images = run_analyses(model, datamodule, run_cfg, cfg, plan, out, device)
+    metrics.update(extra)
+    record: dict[str, Any] = {**metrics, "method": ckpt["latentlab"]["method"], "ckpt_path": str(cfg.ckpt_path)}
+    write_json_atomic(out / "metrics.json", record)
+    (out / "metrics.md").write_text(markdown_table({out.name: record}))
+    publish(loggers, metrics, extra, images)
+    log.info("metrics: %s", {k: round(v, 4) for k, v in sorted(metrics.items())})
+    return metrics
 
 
 @hydra.main(version_base="1.3", config_path="pkg://latentlab.conf", config_name="eval")

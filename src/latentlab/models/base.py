@@ -81,6 +81,9 @@ class EvalSpec:
     AIS: `ais_steps` intermediate distributions, `ais_chains` chains, `ais_leapfrog` HMC leapfrog steps.
     `val_every_n_epochs`: the NLL is costly; 0 disables it on validation (test always runs it).
     `max_batches`: evaluate log p(x) on at most this many batches per val/test epoch (None: all).
+    `ais_init`: AIS's starting distribution q0: `prior` N(0, I), or `posterior`, a Gaussian from the
+    method's own posterior (its proposal, else fitted to `posterior_draws`) as in the AVB paper's
+    evaluation; the closer q0 is to p(z|x), the fewer annealing steps AIS needs.
     """
 
     estimator: str = "auto"
@@ -91,10 +94,13 @@ class EvalSpec:
     ais_leapfrog: int = 5
     val_every_n_epochs: int = 1
     max_batches: int | None = None
+    ais_init: str = "prior"
 
     def __post_init__(self) -> None:
         if self.estimator not in ("auto", "is", "ais"):
             raise ConfigError(f"model.eval.estimator must be one of auto|is|ais, got {self.estimator!r}")
+        if self.ais_init not in ("prior", "posterior"):
+            raise ConfigError(f"model.eval.ais_init must be prior|posterior, got {self.ais_init!r}")
         for key in ("k", "chunk_size", "ais_steps", "ais_chains", "ais_leapfrog"):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(f"model.eval.{key} must be >= 1, got {getattr(self, key)}")
@@ -153,6 +159,55 @@ class LatentVariableModel(L.LightningModule):
         """Per-batch means of the method's own diagnostics (e.g. `elbo`, `kl`, `recon`)."""
         return {}
 
+    def posterior_draws(self, x: Tensor, index: Tensor | None, n: int,
+                        generator: torch.Generator | None = None) -> Tensor | None:
+        """n draws (n, batch, d) from the method's own posterior approximation, or None without one.
+
+        The evaluator's window into a method's posterior (pictures, Gaussian fits, AIS starts). The
+        default samples `proposal`; implicit or sampling-based methods override it.
+        """
+        from latentlab.metrics.loglik import sample_proposal
+
+        with torch.no_grad():
+            q = self.proposal(x, index)
+        return None if q is None else sample_proposal(q, n, generator)
+
+    def amortized_gaussian(self, x: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
+        """(mu, log_var) (batch, d) of an amortized diagonal-Gaussian posterior, or None.
+
+        Methods that have one get the Cremer et al. split of the inference gap: the per-example
+        Gaussian optimisation starts here, and its gain over this Gaussian is the amortization gap.
+        """
+        return None
+
+    def elbo_estimate(self, x: Tensor, index: Tensor | None = None, k: int = 100,
+                      generator: torch.Generator | None = None) -> Tensor | None:
+        """The method's own per-example lower bound on log p(x), (batch,), from k samples; None without one.
+
+        log p(x) minus this is the method's inference gap. Default: the ELBO of `amortized_gaussian`.
+        """
+        gaussian = self.amortized_gaussian(x, index)
+        if gaussian is None:
+            return None
+        from latentlab.metrics.gaps import gaussian_elbo
+
+        with torch.no_grad():
+            return gaussian_elbo(self.model.log_joint, x, *gaussian, k=k, generator=generator)
+
+    def ais_start(self, x: Tensor, index: Tensor | None = None, n: int = 256) -> Distribution | None:
+        """q0 for AIS per `eval_spec.ais_init`: None (the prior), or from the method's posterior: its
+        proposal if it has one, else a diagonal Gaussian fitted to n `posterior_draws`."""
+        if self.eval_spec.ais_init == "prior":
+            return None
+        from latentlab.metrics.loglik import fit_gaussian_proposal
+
+        with torch.no_grad():
+            q = self.proposal(x, index)
+            if q is not None:
+                return q
+            draws = self.posterior_draws(x, index, n)
+        return None if draws is None else fit_gaussian_proposal(draws)
+
     @torch.no_grad()
     def reconstruct(self, x: Tensor, index: Tensor | None = None) -> Tensor:
         """E[x | z] for one posterior draw of z given x; methods without an encoder may return None."""
@@ -161,6 +216,19 @@ class LatentVariableModel(L.LightningModule):
             return None  # type: ignore[return-value]
         return self.model.likelihood.mean(self.model.decode(q.mean))
 
+    def components(self) -> dict[str, torch.nn.Module]:
+        """The method's named parts, so a numerical fault can be reported as "in the decoder" rather than
+        as a parameter name: the decoder, a learned likelihood, and any `encoder`/`discriminator`.
+        A method with other parts overrides this (keeping the names users know from the papers)."""
+        parts: dict[str, torch.nn.Module] = {"decoder": self.model.decoder}
+        if any(True for _ in self.model.likelihood.parameters()):
+            parts["likelihood"] = self.model.likelihood
+        for name in ("encoder", "discriminator"):
+            module = getattr(self, name, None)
+            if isinstance(module, torch.nn.Module):
+                parts[name] = module
+        return parts
+
     # ----- shared evaluation ------------------------------------------------------------------
     def nll_estimator(self) -> str:
         est = self.eval_spec.estimator
@@ -168,20 +236,23 @@ class LatentVariableModel(L.LightningModule):
             return "is" if type(self).proposal is not LatentVariableModel.proposal else "ais"
         return est
 
-    def log_px(self, x: Tensor, index: Tensor | None = None) -> Tensor:
-        """Per-example estimate of log p(x) (nats) with the configured estimator."""
+    def log_px(self, x: Tensor, index: Tensor | None = None, estimator: str | None = None,
+               generator: torch.Generator | None = None) -> Tensor:
+        """Per-example estimate of log p(x) (nats) with the configured estimator (or `estimator`: is|ais)."""
         from latentlab.metrics.loglik import ais_log_likelihood, importance_sampling_log_likelihood
 
         spec = self.eval_spec
-        if self.nll_estimator() == "is":
+        if (estimator or self.nll_estimator()) == "is":
             with torch.no_grad():
                 q = self.proposal(x, index)
             if q is None:
                 raise ConfigError(f"model.eval.estimator=is needs a proposal, and {self.method} has none here; use ais")
             with torch.no_grad():
-                return importance_sampling_log_likelihood(self.model.log_joint, q, x, k=spec.k, chunk_size=spec.chunk_size)
+                return importance_sampling_log_likelihood(self.model.log_joint, q, x, k=spec.k, chunk_size=spec.chunk_size,
+                                                          generator=generator)
         log_px, _ = ais_log_likelihood(self.model.log_joint, x, n_steps=spec.ais_steps, n_chains=spec.ais_chains,
-                                       leapfrog_steps=spec.ais_leapfrog)
+                                       leapfrog_steps=spec.ais_leapfrog, init=self.ais_start(x, index),
+                                       generator=generator, return_diagnostics=False)
         return log_px
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, stage: str) -> None:

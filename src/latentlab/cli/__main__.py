@@ -1,0 +1,5 @@
+"""`python -m latentlab.cli ...`, the same as the `latentlab-cli` console script."""
+
+from latentlab.cli import main
+
+main()

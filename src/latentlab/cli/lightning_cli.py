@@ -1,0 +1,84 @@
+"""`latentlab-cli`: Lightning's own command line (`LightningCLI`) over latentlab's models and data modules.
+
+For users who drive Lightning through its CLI rather than Hydra. The same LightningModules and
+DataModules, built from their plain typed constructor arguments:
+
+    latentlab-cli fit --model VAE --data DigitsDataModule --trainer.max_epochs 5
+    latentlab-cli fit --model ALMOND --model.n_chains 20 --data MNISTDataModule --data.data_dir ../shared/data
+    latentlab-cli fit --config run.yaml                      # a file as --print_config writes it
+    latentlab-cli fit --model AVB --data DigitsDataModule --print_config > run.yaml
+    latentlab-cli test --config run.yaml --ckpt_path <run>/checkpoints/last.ckpt
+    latentlab-cli validate --config run.yaml --ckpt_path ...
+
+The model's `data_dim` and `image_shape` come from the data module (`link_arguments(...,
+apply_on="instantiate")`), as `latentlab-train` passes them. Optimisers are the models' own `optimizer`
+arguments (a callable from parameters to an optimiser: `--model.optimizer torch.optim.Adam
+--model.optimizer.lr 3e-4`), not Lightning's `--optimizer`, because AVB and ALMOND use two optimisers each.
+
+Trainer defaults differ from Lightning's where latentlab needs it: `inference_mode=False` (AIS and
+Langevin need gradients w.r.t. z in validation/test). Checkpoints carry the run config in the same layout
+as `latentlab-train`'s, so `latentlab-eval ckpt_path=...` evaluates them too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from latentlab.data import LatentDataModule
+from latentlab.models import LatentVariableModel
+
+__all__ = ["LatentlabCLI", "main", "hydra_layout"]
+
+#: `Trainer` defaults of `latentlab-cli`, the same as conf/trainer/default.yaml where it matters.
+TRAINER_DEFAULTS: dict[str, Any] = {"inference_mode": False, "max_epochs": 30}
+
+
+def _to_hydra(node: Any) -> Any:
+    """jsonargparse's `{class_path, init_args}` -> Hydra's `{_target_, ...}`; a callable argument (an
+    optimiser factory) becomes a `_partial_` target, as the Hydra configs write it."""
+    if isinstance(node, Mapping):
+        if "class_path" in node:
+            return {"_target_": node["class_path"], **{k: _to_hydra(v) for k, v in (node.get("init_args") or {}).items()}}
+        return {k: _to_hydra(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_to_hydra(v) for v in node]
+    return node
+
+
+def hydra_layout(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts of a `latentlab-cli` config that `latentlab-eval` reads, in `latentlab-train`'s layout:
+    `model` and `data` as `_target_` nodes (the model without `data_dim`/`image_shape`, which come from
+    the data module), optimisers as `_partial_` targets, `seed`, `paths.data_dir`."""
+    model = _to_hydra(config["model"])
+    for key in ("data_dim", "image_shape"):
+        model.pop(key, None)
+    for key, value in list(model.items()):
+        if isinstance(value, dict) and "_target_" in value and ("optimizer" in key or key == "scheduler"):
+            value["_partial_"] = True
+    data = _to_hydra(config["data"])
+    return {"model": model, "data": data, "seed": config.get("seed_everything"),
+            "paths": {"data_dir": data.get("data_dir")}, "trainer": {}}
+
+
+class LatentlabCLI(LightningCLI):
+    """LightningCLI with the data module's sizes linked into the model and the run config saved in checkpoints."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.data_dim", "model.init_args.data_dim", apply_on="instantiate")
+        parser.link_arguments("data.image_shape", "model.init_args.image_shape", apply_on="instantiate")
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        self.model.run_config = hydra_layout(config.as_dict())
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the `latentlab-cli` console script."""
+    LatentlabCLI(LatentVariableModel, LatentDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                 trainer_defaults=TRAINER_DEFAULTS, save_config_kwargs={"overwrite": True},
+                 auto_configure_optimizers=False, args=args)
+

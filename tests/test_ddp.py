@@ -1,0 +1,104 @@
+"""Scale-out: `trainer=ddp` with 2 CPU processes (gloo) for VAE, AVB and ALMOND, through the real command line.
+
+Each method is trained once with 2 processes (per-process batch B) and once in this process with batch 2B
+(the same effective batch, the same number of optimiser steps, the same seed and initial weights), then:
+
+- the replicas are identical after training: every parameter (DDP averaged the gradients of each manual
+  optimisation step for AVB's two players and ALMOND's two phases) and ALMOND's persistent chains, which
+  also cover the examples *both* processes visited (the E-step updates are all-gathered);
+- validation/test metrics agree with one process within noise: |a - b| <= Z * sqrt(se_a^2 + se_b^2) on the
+  same examples (se: the standard error over examples that the LogLikelihood metric reports), i.e. the
+  distributed evaluation reduces over all examples of both processes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import json
+
+import lightning.pytorch as L
+import pytest
+import torch
+
+from latentlab import api
+
+TESTS_DIR = Path(__file__).resolve().parent
+B = 32          # per-process batch under DDP; one process gets 2B
+STEPS = 4       # optimiser steps in each run (AVB steps both players per batch)
+Z = 4.0         # standard errors: a false alarm has probability ~6e-5 per comparison
+
+COMMON = ["data=digits", "data.test_subset=100", "trainer.max_epochs=1", f"+trainer.limit_train_batches={STEPS}",
+          "trainer.num_sanity_val_steps=0", "logger=none", "callbacks.image_grid=null", "callbacks.progress_bar=null",
+          "seed=7"]
+METHODS = {
+    "vae": ["model=vae", "model.eval.k=20"],
+    "avb": ["model=avb", "model.eval.ais_steps=10", "model.eval.ais_chains=2", "model.eval.ais_leapfrog=2"],
+    # one warm-up epoch would leave no Langevin step in a 1-epoch run: start in the Langevin phase
+    "almond": ["model=almond", "model.n_chains=4", "model.langevin_steps=3", "model.eval_chains=4",
+               "model.eval_langevin_steps=5", "model.eval.k=20"],
+}
+
+
+class ReplicaDump(L.Callback):
+    """Each process saves its parameters and (ALMOND) chains at the end of training, for comparison."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        state: dict[str, Any] = {"params": {k: v.detach().cpu() for k, v in pl_module.state_dict().items()},
+                                 "world_size": trainer.world_size}
+        if getattr(pl_module, "chains", None) is not None:
+            state.update(chains=pl_module.chains.cpu(), visited=pl_module.visited.cpu())
+        torch.save(state, self.out / f"replica{trainer.global_rank}.pt")
+
+
+def train_ddp(tmp_path: Path, overrides: list[str]) -> tuple[dict[str, float], Path]:
+    """`python -m latentlab.train trainer=ddp trainer.devices=2 ...`: Lightning re-runs the command for rank 1."""
+    out = tmp_path / "ddp"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1",
+           "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "latentlab.train", *overrides, "trainer=ddp", "trainer.devices=2", f"data.batch_size={B}",
+           "+callbacks.replicas._target_=test_ddp.ReplicaDump", f"+callbacks.replicas.out={out}", f"hydra.run.dir={out}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((out / "metrics.json").read_text()), out
+
+
+def within_noise(a: dict[str, float], b: dict[str, float], key: str) -> None:
+    se = math.sqrt(a[f"{key}_se"] ** 2 + b[f"{key}_se"] ** 2)
+    assert abs(a[key] - b[key]) <= Z * se, f"{key}: 2 processes {a[key]:.4f}, 1 process {b[key]:.4f}, se {se:.4f}"
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_two_cpu_processes_match_one(tmp_path: Path, method: str) -> None:
+    overrides = COMMON + METHODS[method]
+    ddp, out = train_ddp(tmp_path, overrides)
+    single, _ = api.train(overrides + [f"data.batch_size={2 * B}"], run_dir=tmp_path / "single")
+
+    r0, r1 = (torch.load(out / f"replica{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["world_size"] == r1["world_size"] == 2
+    assert r0["params"].keys() == r1["params"].keys()
+    for name, value in r0["params"].items():
+        assert torch.equal(value, r1["params"][name]), f"replicas differ in {name}"
+    if method == "almond":
+        assert torch.equal(r0["chains"], r1["chains"]) and torch.equal(r0["visited"], r1["visited"])
+        # each process saw STEPS batches of B distinct examples (DistributedSampler splits the epoch):
+        # both replicas hold the chains of all 2 * STEPS * B of them
+        assert int(r0["visited"].sum()) == 2 * STEPS * B
+        ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+        assert torch.equal(ckpt["almond"]["chains"], r0["chains"])
+
+    for key in ("val/nll", "test/nll"):
+        within_noise(ddp, single, key)
+    assert math.isfinite(ddp["train/loss"])
+    if method == "avb":
+        assert 0.0 <= ddp["val/disc_acc"] <= 1.0

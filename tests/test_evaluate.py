@@ -1,0 +1,131 @@
+"""`latentlab-eval` end to end: every analysis on real checkpoints, the multirun comparison table,
+W&B offline output, the classifier command, and settings refused before anything is loaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig, open_dict
+
+from latentlab.errors import ConfigError
+from latentlab.evaluate import evaluate
+
+TRAIN_FAST = ["trainer.max_epochs=1", "model.eval.k=5", "callbacks.image_grid.n=16", "+trainer.limit_train_batches=5",
+              "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1", "logger=none"]
+# every analysis on, each as small as still means something
+EVAL_SMALL = ["eval.nll=ais", "eval.ais_steps=10", "eval.ais_chains=2", "eval.ais_leapfrog=2", "eval.max_batches=1",
+              "eval.samples=150", "eval.gaps=6", "eval.bdmc=6", "eval.posterior_plots=2", "eval.posterior_draws=50",
+              "eval.grid.resolution=41", "eval.gap.elbo_k=50", "eval.gap.local_steps=10", "eval.gap.local_eval_k=50",
+              "eval.quality.classifier.min_steps=150", "eval.quality.metric.kid_subsets=10", "eval.quality.metric.is_splits=2"]
+KEYS = ("test/nll", "test/nll_se", "test/fid", "test/kid_mean", "test/is_mean", "test/precision", "test/recall",
+        "test/classifier_acc", "test/inference_gap", "test/approximation_gap", "test/amortization_gap",
+        "test/bdmc_lower", "test/bdmc_upper", "test/bdmc_gap")
+
+
+def run(module: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, "-m", module, *overrides], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300, stdin=subprocess.DEVNULL)
+
+
+def eval_config(tmp_path: Path, *overrides: str) -> DictConfig:
+    with initialize_config_module(config_module="latentlab.conf", version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "out")
+        cfg.paths.data_dir = str(tmp_path / "data")
+    return cfg
+
+
+def test_multirun_eval_of_two_checkpoints_with_every_analysis(tmp_path: Path) -> None:
+    train_sweep = tmp_path / "train"
+    proc = run("latentlab.train", "-m", "model.latent_dim=2,4", *TRAIN_FAST, f"hydra.sweep.dir={train_sweep}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpts = [train_sweep / job / "checkpoints" / "last.ckpt" for job in ("0", "1")]
+
+    sweep = tmp_path / "eval"
+    proc = run("latentlab.evaluate", "-m", f"ckpt_path={ckpts[0]},{ckpts[1]}", f"hydra.sweep.dir={sweep}",
+               "logger=wandb", *EVAL_SMALL, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job, ckpt in zip(("0", "1"), ckpts):
+        metrics = json.loads((sweep / job / "metrics.json").read_text())
+        missing = [k for k in KEYS if k not in metrics]
+        assert not missing, f"job {job} lacks {missing}"
+        assert metrics["method"] == "vae" and metrics["ckpt_path"] == str(ckpt)
+        # the decomposition is an identity; the BDMC gap is upper - lower
+        assert metrics["test/approximation_gap"] + metrics["test/amortization_gap"] == pytest.approx(
+            metrics["test/inference_gap"], abs=1e-9)
+        assert metrics["test/bdmc_gap"] == pytest.approx(metrics["test/bdmc_upper"] - metrics["test/bdmc_lower"], abs=1e-9)
+        assert 0.0 <= metrics["test/precision"] <= 1.0 and 0.0 <= metrics["test/recall"] <= 1.0
+        assert metrics["test/classifier_acc"] > 0.5  # 10 classes: far above chance, or the FID is meaningless
+        assert metrics["test/fid"] >= 0.0 and metrics["test/is_mean"] >= 1.0  # IS = exp(KL) >= 1
+        assert "test/nll" in (sweep / job / "metrics.md").read_text()
+        assert (sweep / job / "samples.png").is_file()
+        # W&B offline: one finished run per job, with the pictures as images
+        runs = list((sweep / job / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+        media = {p.name.split("_")[0] for p in runs[0].rglob("*.png")}
+        assert {"samples"} <= media and (("posteriors" in media) == (job == "0"))
+    # the posterior picture exists for the 2-d latent model only
+    assert (sweep / "0" / "posteriors.png").is_file() and not (sweep / "1" / "posteriors.png").exists()
+    # the digits classifier was cached under paths.data_dir (default ./data) for the next evaluation
+    assert (tmp_path / "data" / "digits" / "classifier.pt").is_file()
+    # the comparison table lists both checkpoints, one row each
+    table = (sweep / "comparison.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| 0 |") or line.startswith("| 1 |")]
+    assert len(rows) == 2 and "0/checkpoints/last.ckpt" in rows[0] and "1/checkpoints/last.ckpt" in rows[1]
+    assert set(json.loads((sweep / "comparison.json").read_text())) == {"0", "1"}
+
+
+@pytest.mark.parametrize("method", ["almond", "avb"])
+def test_eval_of_a_method_without_an_amortized_gaussian(tmp_path: Path, method: str) -> None:
+    """The same evaluator on another method: its own bound gives the inference gap (no Cremer split without an
+    amortized Gaussian), and its posterior draws go into the 2-d picture."""
+    proc = run("latentlab.train", f"model={method}", "model.latent_dim=2", *TRAIN_FAST, f"hydra.run.dir={tmp_path / 'run'}",
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "eval"
+    proc = run("latentlab.evaluate", f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={out}",
+               *EVAL_SMALL, "eval.samples=0", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == method
+    assert {"test/nll", "test/inference_gap", "test/bdmc_gap"} <= set(metrics)
+    assert "test/approximation_gap" not in metrics and "test/fid" not in metrics
+    assert (out / "posteriors.png").is_file()
+
+
+def test_train_classifier_command_caches_and_reuses(tmp_path: Path) -> None:
+    cfg = eval_config(tmp_path, "train_classifier=avb_toy", "eval.quality.classifier.min_steps=100")
+    out = evaluate(cfg)
+    # four one-hot points in four classes: perfectly separable, so a trained classifier gets all right
+    assert out["test/classifier_acc"] == 1.0
+    weights = tmp_path / "data" / "avb_toy" / "classifier.pt"
+    stamp = weights.stat().st_mtime_ns
+    assert evaluate(eval_config(tmp_path, "train_classifier=avb_toy", "eval.quality.classifier.min_steps=100")) == out
+    assert weights.stat().st_mtime_ns == stamp  # read from the cache, not retrained
+    with pytest.raises(ConfigError, match="no labels"):
+        evaluate(eval_config(tmp_path, "train_classifier=linear_gaussian"))
+    with pytest.raises(ConfigError, match="unknown dataset 'nosuch'"):
+        evaluate(eval_config(tmp_path, "train_classifier=nosuch"))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("eval.samples=-1", "eval.samples"),
+    ("eval.gaps=1.5", "eval.gaps"),
+    ("eval.batch_size=0", "eval.batch_size"),
+    ("eval.gap.local_lr=0", "local_lr"),
+    ("eval.grid.resolution=1", "eval.grid"),
+    ("eval.quality.generated=pixels", "eval.quality.generated"),
+])
+def test_bad_eval_settings_are_refused_before_the_checkpoint_is_read(tmp_path: Path, override: str, message: str) -> None:
+    cfg = eval_config(tmp_path, "ckpt_path=/nonexistent/last.ckpt", override)
+    with pytest.raises(ConfigError, match=message):
+        evaluate(cfg)
+    assert not (tmp_path / "out" / "metrics.json").exists()

@@ -1,0 +1,323 @@
+"""Training survives faults and loses nothing: SIGKILL at random points and during a checkpoint write,
+resume that matches the uninterrupted run, NaN/inf in every component of every method caught with the
+step, the component and the kept last good checkpoint, gradient clipping, safe loading.
+
+Runs are tiny (digits, 5-10 batches per epoch, 1 thread). In-process runs go through
+`latentlab.train.train` with a composed config; the kill tests run the real CLI in a subprocess.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
+import torch
+
+from latentlab.builders import compose_config
+from latentlab.callbacks.faults import FaultInjector, NumericalGuard
+from latentlab.checkpointing import (
+    AtomicCheckpointIO,
+    RandomState,
+    collect_random_state,
+    remove_stale_temp_files,
+    resolve_ckpt_path,
+)
+from latentlab.errors import CheckpointError, NumericalError
+from latentlab.train import train
+
+QUIET = ["logger=none", "callbacks.progress_bar=null", "callbacks.model_summary=null", "callbacks.image_grid=null",
+         "+trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+SMALL = ["model.eval.k=5", "+trainer.limit_train_batches=5", "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2"]
+# Each method at its smallest: ALMOND with 2 chains x 2 Langevin steps and no warm-up (chains from epoch 0).
+METHODS: dict[str, list[str]] = {
+    "vae": ["model=vae"],
+    "avb": ["model=avb", "model.eval.ais_steps=5", "model.eval.ais_chains=2", "model.eval.ais_leapfrog=2"],
+    "almond": ["model=almond", "model.n_chains=2", "model.langevin_steps=2", "model.eval_chains=2",
+               "model.eval_langevin_steps=2"],
+}
+AVAILABLE = [m for m in METHODS if (Path(__file__).parents[1] / "conf" / "model" / f"{m}.yaml").is_file()]
+
+
+def run(out: Path, *overrides: str) -> dict[str, float]:
+    return train(compose_config([*QUIET, *SMALL, *overrides], output_dir=out))
+
+
+def ckpt_step(out: Path) -> int:
+    return int(torch.load(out / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")["global_step"])
+
+
+# ----- resume -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", AVAILABLE)
+def test_resume_at_epoch_boundary_matches_the_uninterrupted_run(tmp_path: Path, method: str) -> None:
+    """Same seed + config: 2 epochs straight == 1 epoch, then `ckpt_path=last` to 2 epochs in the same run dir.
+
+    Covers AVB's two optimisers and ALMOND's persistent chains (both in the checkpoint) and the global
+    RNG states (shuffle order, reparameterisation noise). All ops run on one CPU thread in deterministic
+    mode, so the match is exact up to float32 round-off in a different order, i.e. none expected.
+    """
+    straight = run(tmp_path / "straight", *METHODS[method], "trainer.max_epochs=2")
+    run(tmp_path / "resumed", *METHODS[method], "trainer.max_epochs=1")
+    assert ckpt_step(tmp_path / "resumed") == 5 * (2 if method == "avb" else 1)  # AVB: two optimiser steps per batch
+    resumed = run(tmp_path / "resumed", *METHODS[method], "trainer.max_epochs=2", "ckpt_path=last")
+    assert ckpt_step(tmp_path / "resumed") == ckpt_step(tmp_path / "straight")
+    assert set(resumed) == set(straight)
+    for key, value in straight.items():
+        assert resumed[key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
+    ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert len(ckpt["optimizer_states"]) == {"vae": 1, "avb": 2, "almond": 1}[method]
+    if method == "almond":
+        assert ckpt["almond"]["chains"].shape[:2] == (2, 1297) and bool(torch.isfinite(ckpt["almond"]["chains"]).all())
+
+
+def test_resume_after_the_last_epoch_reports_what_the_uninterrupted_run_did(tmp_path: Path) -> None:
+    """Killed after training, while testing: the resumed run trains no more, yet its metrics.json must equal
+    the uninterrupted run's (validation metrics from the checkpoint, test drawing the same random numbers)."""
+    straight = run(tmp_path / "straight", "trainer.max_epochs=2")
+    run(tmp_path / "killed", "trainer.max_epochs=2", "test=false")  # as if killed right after the last save
+    resumed = run(tmp_path / "killed", "trainer.max_epochs=2", "ckpt_path=last")
+    assert resumed == pytest.approx(straight, rel=1e-6, abs=1e-6)
+
+
+def test_random_state_round_trips_through_a_weights_only_checkpoint(tmp_path: Path) -> None:
+    """The saved states reproduce torch, numpy and python draws after a torch.save/torch.load(weights_only)."""
+    import numpy as np
+
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    torch.randn(5), np.random.randn(7), random.random()  # advance: restore must not mean "reseed"
+    torch.save({"s": RandomState().state_dict()}, tmp_path / "s.pt")
+    expected = (torch.randn(4), np.random.randn(4), [random.random() for _ in range(4)])
+    torch.randn(9), np.random.randn(9), random.random()
+    RandomState().load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True)["s"])
+    got = (torch.randn(4), np.random.randn(4), [random.random() for _ in range(4)])
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+    assert set(collect_random_state()) == {"torch", "cuda", "numpy", "python"}
+
+
+# ----- kills --------------------------------------------------------------------------------------
+KILL_RUN = ["trainer.max_epochs=4", "+trainer.limit_train_batches=10", "+trainer.limit_val_batches=2",
+            "+trainer.limit_test_batches=2", "model.eval.k=5", "callbacks.image_grid.n=16", "callbacks.progress_bar=null",
+            "callbacks.model_summary=null", "+trainer.enable_progress_bar=false"]
+# Runs the CLI with torch.save replaced by one that writes half of the checkpoint and then SIGKILLs its own
+# process, on the n-th checkpoint save: a kill in the middle of writing last.ckpt.
+KILL_DURING_SAVE = """
+import io, os, runpy, signal, sys, torch
+n, real_save, count = int(sys.argv.pop(1)), torch.save, [0]
+def save(obj, f, *args, **kwargs):
+    if isinstance(obj, dict) and "state_dict" in obj and hasattr(f, "write"):
+        count[0] += 1
+        if count[0] == n:
+            buf = io.BytesIO(); real_save(obj, buf, *args, **kwargs); data = buf.getvalue()
+            f.write(data[: len(data) // 2]); f.flush(); os.fsync(f.fileno())
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *args, **kwargs)
+torch.save = save
+sys.argv[0] = "latentlab-train"
+runpy.run_module("latentlab.train", run_name="__main__")
+"""
+
+
+class CliRun(NamedTuple):
+    returncode: int
+    stderr: str
+    job_seconds: float | None  # from the Hydra job's start (imports done) to the end of the process
+    killed: bool
+
+
+def cli(run_dir: Path, *overrides: str, kill_after: float | None = None, prefix: list[str] | None = None,
+        timeout: float = 240) -> CliRun:
+    """Run latentlab-train in `run_dir`; with `kill_after`, SIGKILL it that many seconds after the Hydra job
+    has started (its .hydra/config.yaml appears: imports done, training about to start)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+    marker = run_dir / ".hydra" / "config.yaml"
+    marker.unlink(missing_ok=True)
+    cmd = [sys.executable, *(prefix or ["-m", "latentlab.train"]), f"hydra.run.dir={run_dir}", *overrides]
+    proc = subprocess.Popen(cmd, env=env, cwd=run_dir.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, stdin=subprocess.DEVNULL)
+    deadline, started, killed = time.monotonic() + timeout, None, False
+    while proc.poll() is None and time.monotonic() < deadline:
+        if started is None and marker.exists():
+            started = time.monotonic()
+        if kill_after is not None and started is not None and time.monotonic() - started >= kill_after:
+            proc.send_signal(signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.02)
+    _, stderr = proc.communicate(timeout=timeout)
+    end = time.monotonic()
+    killed = killed or proc.returncode == -signal.SIGKILL
+    return CliRun(proc.returncode, stderr, None if started is None else end - started, killed)
+
+
+def test_sigkill_during_a_save_and_at_random_points_then_resume_matches(tmp_path: Path) -> None:
+    """A: killed while writing its 2nd checkpoint -> last.ckpt is still the 1st, complete (the half-written
+    temp file is not it). B: resumed with ckpt_path=last and SIGKILLed at a random moment, twice. C: resumed
+    again, finishes. C's final metrics equal an uninterrupted run's (every resume starts at an epoch boundary),
+    and the CSV log has each epoch once."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    straight = train(compose_config([*KILL_RUN, "logger=none"], output_dir=tmp_path / "straight"))
+
+    a = cli(run_dir, *KILL_RUN, prefix=["-c", KILL_DURING_SAVE, "2"])
+    assert a.returncode == -signal.SIGKILL, a.stderr[-2000:]
+    assert ckpt_step(run_dir) == 10  # the epoch-1 checkpoint, intact: it loads and is the last complete one
+    partial = list((run_dir / "checkpoints").glob(".last.ckpt.*.tmp"))
+    assert len(partial) == 1 and partial[0].stat().st_size > 0  # the kill did land in the middle of a write
+
+    rng = random.Random(7)
+    for _ in range(2):  # SIGKILL somewhere in start-up, training, validation or a save of epochs 2-4
+        b = cli(run_dir, *KILL_RUN, "ckpt_path=last", kill_after=rng.uniform(0.5, 6.0))
+        assert b.returncode in (0, -signal.SIGKILL), b.stderr[-2000:]
+        assert ckpt_step(run_dir) in (10, 20, 30, 40)  # whatever the moment, last.ckpt is a complete checkpoint
+
+    c = cli(run_dir, *KILL_RUN, "ckpt_path=last")
+    assert c.returncode == 0, c.stderr[-3000:]
+    assert ckpt_step(run_dir) == 40
+    assert not list((run_dir / "checkpoints").glob("*.tmp"))  # leftovers of killed saves are cleaned up
+    resumed = json.loads((run_dir / "metrics.json").read_text())
+    for key, value in straight.items():
+        assert resumed[key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
+    with (run_dir / "csv" / "metrics.csv").open() as fh:  # every epoch's validation logged once: none lost, none twice
+        assert sorted(int(float(r["epoch"])) for r in csv.DictReader(fh) if r.get("val/nll")) == [0, 1, 2, 3]
+
+
+def test_resume_last_without_a_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="ckpt_path=last: there is no checkpoint .*hydra.run.dir"):
+        resolve_ckpt_path("last", tmp_path / "run", search_siblings=False)
+    (tmp_path / "old" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "old" / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    assert resolve_ckpt_path("last", tmp_path / "new", search_siblings=True) == (tmp_path / "old/checkpoints/last.ckpt").resolve()
+    with pytest.raises(CheckpointError):  # a named run directory means that run, not its neighbours
+        resolve_ckpt_path("last", tmp_path / "new", search_siblings=False)
+
+
+# ----- numerical faults ---------------------------------------------------------------------------
+def inject(component: str, at_step: int, kind: str, after_step: bool = False) -> list[str]:
+    target = f"{FaultInjector.__module__}.{FaultInjector.__name__}"
+    return [f"+callbacks.inject._target_={target}", f"+callbacks.inject.component={component}",
+            f"+callbacks.inject.at_step={at_step}", f"+callbacks.inject.kind={kind}",
+            f"+callbacks.inject.after_step={str(after_step).lower()}"]
+
+
+NAN_CASES = [  # method, component, kind, step of injection, after the step?, expected in the message
+    ("vae", "encoder", "output", 7, False, "component encoder: its output became non-finite"),
+    ("vae", "decoder", "param", 7, False, "component decoder: non-finite parameters"),
+    ("vae", "decoder", "grad", 7, False, "non-finite gradient at training step 7.*component decoder"),
+    ("vae", "encoder", "param", 8, True, "refusing to write checkpoint .* step 8.*encoder"),
+    ("avb", "discriminator", "output", 14, False, "component discriminator"),
+    ("avb", "encoder", "grad", 14, False, "component encoder"),
+    ("avb", "decoder", "param", 14, False, "component decoder"),
+    ("almond", "decoder", "output", 7, False, "diagnosis: component decoder"),
+    ("almond", "sampler", "state", 7, False, "ALMOND sampler produced non-finite chain states at training step 7"),
+]
+
+
+@pytest.mark.parametrize("method,component,kind,step,after,message", [c for c in NAN_CASES if c[0] in AVAILABLE])
+def test_nan_in_each_component_stops_with_step_component_and_last_good_checkpoint(
+        tmp_path: Path, method: str, component: str, kind: str, step: int, after: bool, message: str) -> None:
+    """Checkpoints every 2 steps; the fault at step `step` (epoch 1) must leave last.ckpt at the save
+    before it, finite and untouched, name it in the error, and write no metrics.json."""
+    every = 4 if method == "avb" else 2  # AVB steps twice per batch
+    with pytest.raises(NumericalError) as info:
+        run(tmp_path, *METHODS[method], "trainer.max_epochs=3", f"callbacks.model_checkpoint.every_n_train_steps={every}",
+            *inject(component, step, kind, after))
+    text = str(info.value)
+    assert __import__("re").search(message, text), text
+    kept = ckpt_step(tmp_path)
+    assert kept == ((step - after) // every) * every, text  # an after-step fault hits the save at `step` itself
+    assert f"Last good checkpoint: {tmp_path / 'checkpoints' / 'last.ckpt'} (epoch 1, step {kept}), kept unchanged" in text
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert all(bool(torch.isfinite(t).all()) for t in ckpt["state_dict"].values() if t.is_floating_point())
+    assert not (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.skipif("almond" not in AVAILABLE, reason="ALMOND not available")
+def test_langevin_divergence_names_the_sampler_and_the_guard_switch_prevents_it(tmp_path: Path) -> None:
+    """A step size so large that the Langevin chains overflow: without `model.sampler_guard` the run stops at
+    the first E-step naming the sampler; with it, diverging moves are rejected and training finishes finite."""
+    huge = [*METHODS["almond"], "model.step_size=1e20", "trainer.num_sanity_val_steps=0", "model.eval.val_every_n_epochs=0",
+            "test=false"]
+    with pytest.raises(NumericalError, match="sampler produced non-finite chain states at training step 0.*sampler_guard"):
+        run(tmp_path / "off", *huge)
+    run(tmp_path / "on", *huge, "model.sampler_guard=true")
+    ckpt = torch.load(tmp_path / "on" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert bool(torch.isfinite(ckpt["almond"]["chains"]).all())
+
+
+def test_gradient_clipping_switch_clips_every_optimiser(tmp_path: Path) -> None:
+    import lightning.pytorch as L
+
+    class Probe(L.Callback):
+        """Each optimiser's gradient norm as the optimiser sees it: after the guard (earlier in the list) clipped it."""
+
+        def __init__(self) -> None:
+            self.norms: list[float] = []
+
+        def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+            grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            self.norms.append(float(torch.nn.utils.get_total_norm(grads)))
+
+    from latentlab.builders import build_datamodule, build_model
+
+    for method in AVAILABLE:
+        cfg = compose_config([*QUIET, *SMALL, *METHODS[method]], output_dir=tmp_path / method)
+        dm = build_datamodule(cfg)
+        model = build_model(cfg, dm)
+        probe = Probe()
+        trainer = L.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=0, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[NumericalGuard(gradient_clip_val=0.01), probe])
+        trainer.fit(model, datamodule=dm)
+        assert probe.norms and max(probe.norms) <= 0.01 * (1 + 1e-5), (method, probe.norms)
+
+
+def test_checkpoint_writer_is_atomic_and_refuses_non_finite_values(tmp_path: Path) -> None:
+    io = AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, path)
+    with pytest.raises(NumericalError, match=r"refusing to write .* step 2: non-finite values in optimizer_states/0/m"):
+        io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "optimizer_states": [{"m": torch.tensor([float("inf")])}],
+                            "global_step": 2}, path)
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temp file left by the refused save
+    (path.parent / ".last.ckpt.abc123.tmp").write_bytes(b"half a checkpoint")
+    assert len(remove_stale_temp_files(path.parent)) == 1 and [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+    assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# ----- safe loading -------------------------------------------------------------------------------
+class _Payload:
+    """Unpickling this runs code (it touches a file): what weights_only=True must never do."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_resume_from_a_checkpoint_with_code_is_refused_unless_opted_in(tmp_path: Path) -> None:
+    run(tmp_path / "good", "trainer.max_epochs=1")
+    ckpt = torch.load(tmp_path / "good" / "checkpoints" / "last.ckpt", weights_only=True)
+    marker = tmp_path / "code-ran"
+    ckpt["evil"] = _Payload(str(marker))
+    torch.save(ckpt, tmp_path / "evil.ckpt")
+    with pytest.raises(CheckpointError, match="ckpt_weights_only=false"):
+        run(tmp_path / "resume", "trainer.max_epochs=2", f"ckpt_path={tmp_path / 'evil.ckpt'}")
+    assert not marker.exists() and not (tmp_path / "resume" / "metrics.json").exists()
+    run(tmp_path / "trusted", "trainer.max_epochs=2", f"ckpt_path={tmp_path / 'evil.ckpt'}", "ckpt_weights_only=false")
+    assert marker.exists()  # the explicit opt-in unpickles in full
