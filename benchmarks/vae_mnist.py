@@ -14,15 +14,16 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import lightning.pytorch as L
 import torch
 from torch import nn
 
-from latentlab.data import MNISTDataModule
+from latentlab.builders import build_callbacks, build_datamodule, build_loggers, build_model, build_trainer, compose_config, resolve_paths
 from latentlab.metrics.loglik import importance_sampling_log_likelihood
-from latentlab.models import VAE
 
 LATENT, HIDDEN, BATCH, LR = 32, [512, 512], 100, 1e-3
 
@@ -79,7 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--train-subset", type=int, default=None, help="fewer training images (quick runs)")
     parser.add_argument("--nll-k", type=int, default=1000)
     parser.add_argument("--nll-n", type=int, default=1000)
@@ -87,19 +88,27 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    dm = MNISTDataModule(data_dir=args.data_dir, batch_size=BATCH, val_size=5000, train_subset=args.train_subset)
+    # latentlab exactly as `latentlab-train` builds it (default callbacks: atomic checkpoints every epoch,
+    # RNG-state saving, the NaN guard; CSV logger), minus validation and the terminal progress bar.
+    out = Path(tempfile.mkdtemp(prefix="latentlab-bench-"))
+    cfg = compose_config([
+        "data=mnist", f"paths.data_dir={Path(args.data_dir).resolve()}", "data.binarize=none", f"data.batch_size={BATCH}",
+        "net=mlp_large", f"model.latent_dim={LATENT}", f"model.optimizer.lr={LR}", f"model.eval.k={args.nll_k}",
+        "callbacks.progress_bar=null", "callbacks.image_grid=null", "+trainer.limit_val_batches=0",
+        "trainer.num_sanity_val_steps=0", "trainer.enable_model_summary=false", "+trainer.enable_progress_bar=false",
+        *([f"+data.train_subset={args.train_subset}"] if args.train_subset else []),
+    ], output_dir=out)
+    resolve_paths(cfg)
+    dm = build_datamodule(cfg)
     dm.prepare_data()
     dm.setup("fit")
     x_train = torch.cat([b[0] for b in dm.train_dataloader()])  # the very tensors latentlab trains on
 
     plain = PlainVAE()
     plain_opt = torch.optim.Adam(plain.parameters(), lr=LR)
-    model = VAE(data_dim=784, latent_dim=LATENT, net={"kind": "mlp", "hidden_dims": HIDDEN},
-                optimizer=lambda p: torch.optim.Adam(p, lr=LR), eval={"k": args.nll_k})
+    model = build_model(cfg, dm)
     timer = EpochTimer()
-    trainer = L.Trainer(max_epochs=0, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, callbacks=[timer])
+    trainer = build_trainer(cfg, [*build_callbacks(cfg), timer], build_loggers(cfg))
     plain_times: list[float] = []
     plain_times.append(plain_epoch(plain, plain_opt, x_train))  # warm-up epoch for the allocator, counted
     for epoch in range(args.epochs):

@@ -228,7 +228,7 @@ def test_nan_in_each_component_stops_with_step_component_and_last_good_checkpoin
     every = 4 if method == "avb" else 2  # AVB steps twice per batch
     with pytest.raises(NumericalError) as info:
         run(tmp_path, *METHODS[method], "trainer.max_epochs=3", f"callbacks.model_checkpoint.every_n_train_steps={every}",
-            *inject(component, step, kind, after))
+            *inject(component, step, kind, after), *(["callbacks.numerics.locate=true"] if kind == "output" else []))
     text = str(info.value)
     assert __import__("re").search(message, text), text
     kept = ckpt_step(tmp_path)

@@ -4,6 +4,7 @@
     metrics, run_dir = api.train(["model=vae", "trainer.max_epochs=5"])
     run = api.load_run(run_dir)                      # config, metrics.json, the CSV training curve
     metrics = api.evaluate(run_dir / "checkpoints/last.ckpt", ["eval.gaps=100"])
+    model, datamodule = api.load_model(run_dir)     # any method, rebuilt from its checkpoint
     sweep = api.multirun(["model=vae,almond", "seed=1,2"])   # `latentlab-train -m ...` in a subprocess
     runs = api.load_sweep(sweep)
 
@@ -31,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from latentlab.builders import compose_config
 
-__all__ = ["compose", "train", "evaluate", "multirun", "load_run", "load_sweep", "Run"]
+__all__ = ["Run", "compose", "evaluate", "load_model", "load_run", "load_sweep", "multirun", "train"]
 
 
 def compose(overrides: Sequence[str] = (), output_dir: str | Path | None = None,
@@ -93,6 +94,26 @@ def evaluate(ckpt_path: str | Path, overrides: Sequence[str] = (),
     return evaluate_fn(cfg)
 
 
+def load_model(path: str | Path, setup_data: bool = True) -> tuple[Any, Any]:
+    """(model, data module) of a checkpoint or run directory, rebuilt from the config saved in the checkpoint
+    (any method; weights loaded with `weights_only=True`), in eval mode. The data module is set up unless
+    `setup_data=False`."""
+    from latentlab.builders import build_datamodule, build_model
+    from latentlab.evaluate import load_checkpoint
+
+    path = Path(path)
+    ckpt = load_checkpoint(path / "checkpoints" / "last.ckpt" if path.is_dir() else path)
+    run_cfg = OmegaConf.create(ckpt["latentlab"]["config"])
+    datamodule = build_datamodule(run_cfg)
+    if setup_data:
+        datamodule.prepare_data()
+        datamodule.setup("test")
+    model = build_model(run_cfg, datamodule)
+    model.load_state_dict(ckpt["state_dict"])
+    model.on_load_checkpoint(ckpt)
+    return model.eval(), datamodule
+
+
 def multirun(overrides: Sequence[str], sweep_dir: str | Path | None = None, cwd: str | Path | None = None,
              timeout: float | None = None, env: dict[str, str] | None = None) -> Path:
     """Run `latentlab-train -m <overrides>` in a subprocess and return its sweep directory.
@@ -105,7 +126,7 @@ def multirun(overrides: Sequence[str], sweep_dir: str | Path | None = None, cwd:
         sweep_dir = cwd / "outputs" / "train" / "multiruns" / stamp
     sweep_dir = Path(sweep_dir).resolve()
     cmd = [sys.executable, "-m", "latentlab.train", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"]
-    proc = subprocess.run(cmd, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+    proc = subprocess.run(cmd, check=False, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
         raise subprocess.CalledProcessError(proc.returncode, cmd, proc.stdout, proc.stderr)
@@ -121,11 +142,12 @@ class Run:
     overrides: list[str]
     metrics: dict[str, Any]
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    label: str = ""  # in a sweep: the overrides that set this job apart from the others
 
     @property
     def name(self) -> str:
-        """The overrides that make this run different (a sweep job's identity), else the directory name."""
-        return " ".join(self.overrides) or self.dir.name
+        """`label`, else all the run's overrides, else the directory name."""
+        return self.label or " ".join(self.overrides) or self.dir.name
 
     def curve(self, key: str) -> tuple[list[int], list[float]]:
         """(steps, values) of one logged metric, e.g. `train/loss` or `val/nll`."""
@@ -165,6 +187,9 @@ def load_run(run_dir: str | Path) -> Run:
 
 def load_sweep(sweep_dir: str | Path) -> list[Run]:
     """Every job of a multirun (directories holding `.hydra/`), in job order (job 10 after job 9)."""
-    from latentlab.sweeps import job_dirs
+    from latentlab.sweeps import job_dirs, split_overrides
 
-    return [load_run(d) for d in job_dirs(sweep_dir)]
+    runs = [load_run(d) for d in job_dirs(sweep_dir)]
+    for run, own in zip(runs, split_overrides([r.overrides for r in runs])[1]):
+        run.label = " ".join(own)
+    return runs

@@ -44,6 +44,7 @@ from latentlab.builders import (
     write_json_atomic,
 )
 from latentlab.compare import comparison_table
+from latentlab.checkpointing import load_checkpoint_safely
 from latentlab.errors import CheckpointError, ConfigError, LatentlabError
 from latentlab.metrics.classifier import DomainClassifier, Splits, load_or_train_classifier
 from latentlab.metrics.loglik import AnnealedImportanceSampling
@@ -65,19 +66,11 @@ CANONICAL_DATA = {"binarize": "none", "binarize_threshold": None, "train_subset"
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a latentlab checkpoint safely, with errors that say what is wrong with it."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found; pass ckpt_path=<run dir>/checkpoints/last.ckpt")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, not a checkpoint, pickled code
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc.__class__.__name__}: {exc}. "
-                              "The file is corrupted, truncated, or not a latentlab checkpoint.") from exc
-    meta = ckpt.get("latentlab") if isinstance(ckpt, dict) else None
-    if not meta or not meta.get("config"):
-        raise CheckpointError(f"{path} is not a latentlab checkpoint (no 'latentlab' metadata with the run config); "
-                              "it was not written by latentlab-train")
+    """Load a latentlab checkpoint with `weights_only=True`; also refuse one without the run config eval needs."""
+    ckpt = load_checkpoint_safely(path)
+    if not ckpt["latentlab"].get("config"):
+        raise CheckpointError(f"{path} carries no run config (it was not written by latentlab-train), so "
+                              "latentlab-eval cannot rebuild its model")
     return ckpt
 
 

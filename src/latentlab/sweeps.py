@@ -15,6 +15,7 @@ function returns to Optuna) in the sweeper's direction.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -25,12 +26,17 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from latentlab.builders import write_json_atomic
-from latentlab.compare import HIGHER_IS_BETTER, _natural_key, comparison_table, default_columns
+from latentlab.compare import (
+    HIGHER_IS_BETTER,
+    _natural_key,
+    comparison_table,
+    default_columns,
+)
 
 log = logging.getLogger("latentlab")
 
 SUMMARY_NAME = "sweep_summary"
-_SKIP_PARTS = {".submitit", ".hydra"}
+_SKIP_PARTS = {".submitit"}  # submitit keeps pickled jobs and logs there, not runs
 
 
 def job_dirs(sweep_dir: str | Path) -> list[Path]:
@@ -39,6 +45,14 @@ def job_dirs(sweep_dir: str | Path) -> list[Path]:
     found = [p.parent.parent for p in root.rglob(".hydra/overrides.yaml")
              if p.parent.parent != root and not _SKIP_PARTS & set(p.parent.parent.relative_to(root).parts)]
     return sorted(found, key=lambda d: _natural_key(d.relative_to(root)))
+
+
+def split_overrides(overrides: list[list[str]]) -> tuple[list[str], list[list[str]]]:
+    """(overrides every job has, in order; each job's own others): what names a job within its sweep."""
+    if not overrides:
+        return [], []
+    common = set.intersection(*(set(o) for o in overrides))
+    return [o for o in overrides[0] if o in common], [[o for o in own if o not in common] for own in overrides]
 
 
 def infer_direction(metric: str | None) -> str:
@@ -58,8 +72,6 @@ def summarize_sweep(sweep_dir: str | Path, metric: str | None = None, direction:
     Each job: `job` (its directory relative to the sweep), `overrides`, `status` (completed: it wrote
     metrics.json; failed: it did not), `metrics` and `value` (the metric, None if absent or not finite).
     """
-    import json
-
     root = Path(sweep_dir)
     direction = direction or infer_direction(metric)
     if direction not in ("minimize", "maximize"):
@@ -100,11 +112,11 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     if "optuna" in summary:
         lines.append(f"Optuna's best parameters: `{summary['optuna'].get('best_params')}`.")
     # rows are named by what differs between jobs; what all jobs share is said once
-    shared = set.intersection(*(set(j["overrides"]) for j in summary["jobs"])) if summary["jobs"] else set()
+    shared, varying = split_overrides([j["overrides"] for j in summary["jobs"]])
     if shared:
-        lines.append(f"Every job: `{' '.join(o for o in summary['jobs'][0]['overrides'] if o in shared)}`.")
-    rows = {f"{j['job']}: {' '.join(o for o in j['overrides'] if o not in shared)}"
-            + (" (failed)" if j["status"] == "failed" else ""): j["metrics"] for j in summary["jobs"]}
+        lines.append(f"Every job: `{' '.join(shared)}`.")
+    rows = {f"{j['job']}: {' '.join(own)}" + (" (failed)" if j["status"] == "failed" else ""): j["metrics"]
+            for j, own in zip(summary["jobs"], varying)}
     columns = [c for c in default_columns(rows) if c.startswith(("val/", "test/"))]
     if metric:
         columns = [metric] + [c for c in columns if c != metric]

@@ -158,6 +158,13 @@ def preflight(argv: Sequence[str]) -> None:
         raise ConfigError(f"the command line does not give a valid config: {str(exc).strip()}") from None
 
 
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def report(exc: LatentlabError) -> NoReturn:
     """The one way a user error reaches the user: one message on stderr, exit status 2."""
     print(f"latentlab: error: {exc}", file=sys.stderr)
@@ -169,6 +176,9 @@ def _hydra_main(cfg: DictConfig) -> Any:
     try:
         metrics = train(cfg)
     except LatentlabError as exc:
+        if _in_multirun():  # one bad job must not end the sweep: Hydra marks it failed (Optuna: a failed trial)
+            print(f"latentlab: error: {exc}", file=sys.stderr)
+            raise RuntimeError(f"job failed: {exc}") from None
         report(exc)
     key = cfg.get("optimized_metric")
     return metrics.get(key) if key else None

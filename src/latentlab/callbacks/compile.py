@@ -1,6 +1,7 @@
 """`torch.compile` as a config switch: compile a method's networks in place when training starts.
 
-    latentlab-train trainer=gpu +callbacks.compile._target_=latentlab.callbacks.compile.CompileNetworks
+    latentlab-train trainer=gpu callbacks.compile.components=null          # every network
+    latentlab-train callbacks.compile.components=[decoder]                   # just the decoder
 
 Which networks: the method's named `components()` (decoder, encoder, discriminator; ALMOND's warm-up encoder).
 `nn.Module.compile` wraps each module's forward and keeps its parameters and state_dict keys, so checkpoints
@@ -31,8 +32,9 @@ log = logging.getLogger("latentlab")
 
 
 class CompileNetworks(L.Callback):
-    """Compile `components` (None: all of the method's networks) with `torch.compile(mode, backend, dynamic)`
-    at `setup`, in every process (compiled functions are not pickled across DDP spawns)."""
+    """Compile `components` (None: all of the method's networks; []: none, the switch off) with
+    `torch.compile(mode, backend, dynamic)` at `setup`, in every process (compiled functions are not pickled
+    across DDP spawns)."""
 
     def __init__(self, components: Sequence[str] | None = None, mode: str | None = None, backend: str = "inductor",
                  dynamic: bool | None = True, fullgraph: bool = False) -> None:
@@ -52,4 +54,5 @@ class CompileNetworks(L.Callback):
         for name in names:
             parts[name].compile(**self.options)
             self.compiled.append(name)
-        log.info("torch.compile (%s): %s", self.options["backend"], ", ".join(self.compiled))
+        if self.compiled:
+            log.info("torch.compile (%s): %s", self.options["backend"], ", ".join(self.compiled))

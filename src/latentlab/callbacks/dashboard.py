@@ -25,17 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
-import matplotlib
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from latentlab.callbacks.latents import latent_positions  # noqa: E402
-from latentlab.errors import ConfigError  # noqa: E402
+from latentlab.callbacks.latents import latent_positions
+from latentlab.errors import ConfigError
 
 log = logging.getLogger("latentlab")
 
@@ -48,11 +46,9 @@ LANGEVIN_DIAGNOSTICS = ("step_size", "accept_rate", "grad_norm")
 
 def method_phase(pl_module: Any) -> str | None:
     """The training phase of a method that has several (ALMOND: VAE warm-up, then Langevin EM), else None."""
-    if hasattr(pl_module, "in_vae_phase") and getattr(pl_module, "vae_epochs", 0) > 0:
-        return "VAE warm-up" if pl_module.in_vae_phase else "Langevin EM"
-    if hasattr(pl_module, "in_vae_phase"):
-        return "Langevin EM"
-    return None
+    if not hasattr(pl_module, "in_vae_phase"):
+        return None
+    return "VAE warm-up" if pl_module.in_vae_phase else "Langevin EM"
 
 
 def method_plan(pl_module: Any, max_epochs: int | None = None) -> str:
@@ -106,10 +102,12 @@ def _loggers(trainer: L.Trainer, kind: str) -> list[Any]:
     return [lg for lg in trainer.loggers if type(lg).__name__ == kind]
 
 
-def figure_to_array(fig: Any) -> np.ndarray:
-    """A matplotlib figure as an RGB uint8 array (H, W, 3)."""
-    fig.canvas.draw()
-    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+def figure_to_array(fig: Figure) -> np.ndarray:
+    """A matplotlib figure as an RGB uint8 array (H, W, 3), drawn by Agg without pyplot: no global backend
+    switch, so a notebook's inline plots keep working."""
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def log_picture(trainer: L.Trainer, key: str, rgb: np.ndarray, step: int, caption: str = "") -> None:
@@ -218,7 +216,7 @@ class Dashboard(L.Callback):
         if trainer.is_global_zero and self._diagnostics:
             for name, values in self._diagnostics.items():
                 log_histogram(trainer, f"langevin/{name}", np.array(values), trainer.global_step)
-            chain_steps = getattr(pl_module, "_chain_step", None)  # MALA's per-chain adapted step sizes
+            chain_steps = getattr(pl_module, "chain_step_sizes", None)  # MALA's per-chain adapted step sizes
             visited = getattr(pl_module, "visited", None)
             if chain_steps is not None and visited is not None and bool(visited.any()):
                 log_histogram(trainer, "langevin/chain_step_size", chain_steps[:, visited].cpu().numpy(),
@@ -247,7 +245,8 @@ class Dashboard(L.Callback):
             pl_module.train(was_training)
         xy, (xlabel, ylabel) = project_2d(torch.cat(points))
         labels = datamodule.labels("train") if hasattr(datamodule, "labels") else None
-        fig, ax = plt.subplots(figsize=(6, 5))
+        fig = Figure(figsize=(6, 5))
+        ax = fig.subplots()
         colour = None if labels is None else labels[:n].numpy()
         scatter = ax.scatter(xy[:, 0].numpy(), xy[:, 1].numpy(), c=colour, s=4, cmap="tab10" if labels is not None else None)
         if labels is not None:
@@ -261,7 +260,6 @@ class Dashboard(L.Callback):
         if self.output_dir is not None:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             fig.savefig(self.output_dir / "latent_scatter.png", bbox_inches="tight", dpi=100)
-        plt.close(fig)
         return rgb
 
     def _scatter(self, trainer: L.Trainer, pl_module: Any) -> None:

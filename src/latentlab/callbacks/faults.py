@@ -96,7 +96,7 @@ class NumericalGuard(L.Callback):
     """Stop training at the first NaN/inf in a loss or gradient, naming the step and the component;
     optionally clip gradients. See the module docstring."""
 
-    def __init__(self, check_loss: bool = True, check_grads: bool = True, locate: bool = True,
+    def __init__(self, check_loss: bool = True, check_grads: bool = True, locate: bool = False,
                  gradient_clip_val: float | None = None, gradient_clip_algorithm: str = "norm") -> None:
         if gradient_clip_val is not None and (isinstance(gradient_clip_val, bool) or not float(gradient_clip_val) > 0):
             raise ConfigError(f"callbacks.numerics.gradient_clip_val must be > 0 or null (no clipping), got {gradient_clip_val!r}")
@@ -150,6 +150,9 @@ class NumericalGuard(L.Callback):
         for name, flag in self._flags:
             if bool(flag):
                 return f"component {name}: its output became non-finite from finite inputs (its parameters are finite)"
+        if not self.locate:
+            return ("all parameters are finite; rerun with callbacks.numerics.locate=true to find the component ("
+                    + ", ".join(self._map.parts) + ") whose output went non-finite first")
         return ("no component (" + ", ".join(self._map.parts) + ") turned finite inputs into non-finite outputs and all "
                 "parameters are finite: the values came in non-finite (e.g. sampler states) or the objective overflowed")
 

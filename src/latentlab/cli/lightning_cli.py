@@ -30,15 +30,14 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from latentlab.data import LatentDataModule
 from latentlab.models import LatentVariableModel
 
-__all__ = ["LatentlabCLI", "main", "hydra_layout"]
+__all__ = ["LatentlabCLI", "build_cli", "hydra_layout", "main"]
 
 #: `Trainer` defaults of `latentlab-cli`, the same as conf/trainer/default.yaml where it matters.
 TRAINER_DEFAULTS: dict[str, Any] = {"inference_mode": False, "max_epochs": 30}
 
 
 def _to_hydra(node: Any) -> Any:
-    """jsonargparse's `{class_path, init_args}` -> Hydra's `{_target_, ...}`; a callable argument (an
-    optimiser factory) becomes a `_partial_` target, as the Hydra configs write it."""
+    """jsonargparse's `{class_path, init_args}` -> Hydra's `{_target_, ...}`, recursively."""
     if isinstance(node, Mapping):
         if "class_path" in node:
             return {"_target_": node["class_path"], **{k: _to_hydra(v) for k, v in (node.get("init_args") or {}).items()}}
@@ -76,9 +75,14 @@ class LatentlabCLI(LightningCLI):
         self.model.run_config = hydra_layout(config.as_dict())
 
 
-def main(args: list[str] | None = None) -> None:
-    """Entry point of the `latentlab-cli` console script."""
-    LatentlabCLI(LatentVariableModel, LatentDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                 trainer_defaults=TRAINER_DEFAULTS, save_config_kwargs={"overwrite": True},
-                 auto_configure_optimizers=False, args=args)
+def build_cli(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> LatentlabCLI:
+    """The CLI over every latentlab model and data module (`--model VAE|AVB|ALMOND`, `--data DigitsDataModule|...`);
+    `args` instead of sys.argv, `run=False` to only build the objects (no subcommand)."""
+    return LatentlabCLI(LatentVariableModel, LatentDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                        trainer_defaults=TRAINER_DEFAULTS, save_config_kwargs={"overwrite": True},
+                        auto_configure_optimizers=False, args=args, run=run)
 
+
+def main() -> None:
+    """Entry point of the `latentlab-cli` console script (returns nothing: a console script exits with it)."""
+    build_cli()

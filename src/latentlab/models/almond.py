@@ -249,6 +249,11 @@ class ALMOND(LatentVariableModel):
         """(N,) bool: which training examples' chains have been initialised and moved."""
         return self._visited
 
+    @property
+    def chain_step_sizes(self) -> Tensor | None:
+        """(n_chains, N) per-chain step sizes MALA has adapted, or None (ULA, or before training)."""
+        return self._chain_step
+
     def chain_states(self, index: Tensor) -> Tensor:
         """Current chain states (n_chains, batch, latent_dim) of training examples `index`."""
         if self._chains is None:

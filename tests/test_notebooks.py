@@ -1,0 +1,49 @@
+"""The notebooks run end to end (nbclient, small settings) and are committed without outputs."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+
+
+def test_the_three_notebooks_exist() -> None:
+    assert [p.stem for p in NOTEBOOKS] == ["01_quickstart", "02_posteriors", "03_compare_runs"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_without_outputs(path: Path) -> None:
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"{path.name} has stale outputs"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the kernel inherits this environment: small settings, outputs in tmp_path, this interpreter first on PATH
+    monkeypatch.setenv("LATENTLAB_NOTEBOOK_SMALL", "1")
+    monkeypatch.setenv("LATENTLAB_NOTEBOOK_OUTPUT", str(tmp_path / "out"))
+    monkeypatch.setenv("PATH", os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    figures = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.get("data", {})]
+    assert figures, "the notebook shows no figure"
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    if path.stem == "02_posteriors":
+        markdown = "".join(o["data"].get("text/markdown", "") for o in outputs if o.output_type == "display_data")
+        assert "test/inference_gap" in markdown and "std ratio" in text
+        assert len(figures) >= 3  # one posterior picture per method
+    if path.stem == "03_compare_runs":
+        assert (tmp_path / "out" / "03_compare_runs" / "sweep" / "sweep_summary.md").is_file()
+        assert text.count("test/nll =") == 4

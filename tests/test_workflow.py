@@ -1,0 +1,278 @@
+"""The research workflow: multirun grids, Optuna sweeps, the submitit launcher, sweep summaries, the
+Python API, W&B (offline) / TensorBoard dashboards, the method-aware progress bar, and torch.compile."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning.pytorch as L
+import pytest
+import torch
+import yaml
+
+from latentlab import api
+from latentlab.callbacks.dashboard import (
+    MethodProgressBar,
+    method_phase,
+    method_plan,
+    project_2d,
+)
+from latentlab.models import ALMOND
+from latentlab.sweeps import summarize_sweep, summary_markdown, write_sweep_summary
+
+TINY = ["trainer.max_epochs=1", "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=2",
+        "+trainer.limit_test_batches=1", "model.eval.k=5", "logger=none", "callbacks.image_grid=null",
+        "callbacks.progress_bar=null", "trainer.enable_model_summary=false"]
+
+
+def multirun(tmp_path: Path, *overrides: str, multirun_flag: bool = True) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """`python -m latentlab.train [-m] ...` with the sweep directory in tmp_path."""
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+    cmd = [sys.executable, "-m", "latentlab.train", *(["-m"] if multirun_flag else []), *overrides, *TINY,
+           f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(cmd, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)
+    return proc, sweep
+
+
+def job_metrics(sweep: Path) -> dict[str, dict[str, Any]]:
+    return {d.name: json.loads((d / "metrics.json").read_text()) for d in sorted(sweep.iterdir())
+            if (d / "metrics.json").is_file()}
+
+
+# ----- sweeps ---------------------------------------------------------------------------------
+
+
+def test_grid_multirun_writes_one_run_per_job_and_a_summary(tmp_path: Path) -> None:
+    proc, sweep = multirun(tmp_path, "model.latent_dim=2,4", "seed=1,2")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs = api.load_sweep(sweep)
+    assert [r.dir.name for r in runs] == ["0", "1", "2", "3"]
+    grid = {(r.config.model.latent_dim, r.config.seed) for r in runs}
+    assert grid == {(2, 1), (2, 2), (4, 1), (4, 2)}
+    for run in runs:
+        assert (run.dir / "checkpoints" / "last.ckpt").is_file() and math.isfinite(run.metrics["val/nll"])
+    by_job = {r.dir.name: r for r in runs}
+    assert by_job["0"].metrics["val/nll"] != by_job["1"].metrics["val/nll"]  # the seed reached the job
+
+    summary = json.loads((sweep / "sweep_summary.json").read_text())
+    assert summary["metric"] == "val/nll" and summary["direction"] == "minimize"
+    assert summary["n_completed"] == 4 and summary["n_failed"] == 0
+    values = {j["job"]: j["value"] for j in summary["jobs"]}
+    assert values == {name: r.metrics["val/nll"] for name, r in by_job.items()}
+    assert summary["best"]["value"] == min(values.values())
+    table = (sweep / "sweep_summary.md").read_text()
+    assert all(f"| {j}: model.latent_dim=" in table for j in "0123")
+
+
+def test_optuna_sweep_optimises_the_metric_the_train_function_returns(tmp_path: Path) -> None:
+    proc, sweep = multirun(tmp_path, "hparams_search=vae_optuna", "hydra.sweeper.n_trials=3",
+                           "hydra.sweeper.sampler.n_startup_trials=3", multirun_flag=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    jobs = job_metrics(sweep)
+    assert sorted(jobs) == ["0", "1", "2"]
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    # Optuna saw exactly what the jobs wrote as val/nll (the train function's return value)
+    best_job = min(jobs, key=lambda j: jobs[j]["val/nll"])
+    assert result["best_value"] == jobs[best_job]["val/nll"]
+    overrides = yaml.safe_load((sweep / best_job / ".hydra" / "overrides.yaml").read_text())
+    for key, value in result["best_params"].items():
+        assert f"{key}={value}" in overrides
+    assert 1e-4 <= result["best_params"]["model.optimizer.lr"] <= 1e-2
+    assert result["best_params"]["model.latent_dim"] in (2, 4, 8, 16)
+    summary = json.loads((sweep / "sweep_summary.json").read_text())
+    assert summary["best"]["job"] == best_job and summary["optuna"]["best_value"] == result["best_value"]
+
+
+def test_submitit_local_launcher_runs_the_jobs_in_their_own_processes(tmp_path: Path) -> None:
+    proc, sweep = multirun(tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", "seed=1,2")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    jobs = job_metrics(sweep)
+    assert sorted(jobs) == ["0", "1"]
+    results = sorted((sweep / ".submitit").rglob("*_result.pkl"))
+    assert len(results) == 2
+    returned = []
+    for path in results:
+        status, job_return = pickle.loads(path.read_bytes())
+        assert status == "success"
+        returned.append(job_return.return_value)
+    assert sorted(returned) == sorted(m["val/nll"] for m in jobs.values())  # each job ran train() and returned
+    assert json.loads((sweep / "sweep_summary.json").read_text())["n_completed"] == 2
+
+
+def test_summary_lists_failed_jobs_and_ignores_non_finite_values(tmp_path: Path) -> None:
+    values = {"0": 3.0, "1": float("nan"), "2": None, "3": 2.5}  # None: the job died before metrics.json
+    for job, value in values.items():
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"seed={job}", "model=vae"]))
+        if value is not None:
+            (tmp_path / job / "metrics.json").write_text(json.dumps({"val/elbo": -value, "val/nll": value}))
+    summary = summarize_sweep(tmp_path, "val/nll")
+    assert [j["status"] for j in summary["jobs"]] == ["completed", "completed", "failed", "completed"]
+    assert summary["best"]["job"] == "3" and summary["n_failed"] == 1
+    assert summarize_sweep(tmp_path, "val/elbo")["best"]["job"] == "3"  # elbo: higher is better
+    assert summarize_sweep(tmp_path, "val/elbo")["direction"] == "maximize"
+    md = summary_markdown(summary)
+    assert "Every job: `model=vae`" in md and "| 2: seed=2 (failed) |" in md
+    js, _ = write_sweep_summary(tmp_path, "val/nll", "maximize")
+    assert json.loads(js.read_text())["best"]["job"] == "0"
+
+
+# ----- dashboards -----------------------------------------------------------------------------
+
+
+class Probe(L.Callback):
+    """Records what the progress bar shows at the end of each training epoch."""
+
+    seen: ClassVar[list[dict[str, Any]]] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        bar = trainer.progress_bar_callback
+        assert isinstance(bar, MethodProgressBar)
+        Probe.seen.append(dict(bar.get_metrics(trainer, pl_module)))
+
+
+def offline_run_dir(run_dir: Path) -> Path:
+    (found,) = (run_dir / "wandb").glob("offline-run-*")
+    return found
+
+
+def test_dashboard_to_wandb_offline_and_tensorboard(tmp_path: Path) -> None:
+    import wandb
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    Probe.seen = []
+    metrics, run_dir = api.train([
+        "model=almond", "model.vae_epochs=1", "model.sampler=mala", "model.n_chains=4", "model.langevin_steps=3",
+        "model.eval_chains=4", "model.eval_langevin_steps=5", "model.eval.k=5", "data.batch_size=32",
+        "trainer.max_epochs=2", "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=1",
+        "+trainer.limit_test_batches=1", "trainer.log_every_n_steps=1", "logger=many_loggers", "callbacks=dashboard",
+        "callbacks.dashboard.max_points=200", "callbacks.image_grid.n=16", "+callbacks.probe._target_=test_workflow.Probe",
+        "tags=[dashboard_test]"], run_dir=tmp_path / "run")
+    wandb.finish()
+
+    # the progress bar names the method and the phase, epoch by epoch
+    assert [(s["method"], s["phase"]) for s in Probe.seen] == [("almond", "VAE warm-up"), ("almond", "Langevin EM")]
+    assert "train/phase" not in Probe.seen[0]
+
+    # per-epoch means are the means of the per-step values (equal batches) the CSV logger recorded
+    run = api.load_run(run_dir)
+    steps = [v for s, v in run.history["train/loss"] if s >= 3]  # epoch 1: steps 3, 4, 5
+    assert len(steps) == 3 and metrics["train/loss_epoch"] == pytest.approx(sum(steps) / 3, rel=1e-6)
+    assert metrics["train/phase_epoch"] == 1.0
+
+    # W&B offline: images, histograms and the evaluation table are in the run files (`wandb sync` uploads them)
+    offline = offline_run_dir(run_dir)
+    images = {p.name.split("_")[0] for p in (offline / "files" / "media" / "images").rglob("*.png")}
+    assert {"samples", "reconstructions", "scatter"} <= images
+    (table_file,) = (offline / "files" / "media" / "table").glob("evaluation_*.table.json")
+    table = json.loads(table_file.read_text())
+    rows = {row[0]: row for row in table["data"]}
+    assert rows["test/nll"][1] == pytest.approx(metrics["test/nll"]) and rows["test/nll"][2] == pytest.approx(metrics["test/nll_se"])
+    records = next(offline.glob("run-*.wandb")).read_bytes()
+    for key in (b"langevin/step_size", b"langevin/accept_rate", b"langevin/chain_step_size", b"dashboard_test",
+                b"method_plan", b"train/loss_epoch"):
+        assert key in records, key
+
+    # TensorBoard gets the same pictures and histograms
+    tags: dict[str, set[str]] = {"images": set(), "histograms": set()}
+    for events in (run_dir / "tensorboard").glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events), size_guidance={"images": 0, "histograms": 0})
+        acc.Reload()
+        for kind in tags:
+            tags[kind] |= set(acc.Tags()[kind])
+    assert {"samples", "reconstructions", "latents/scatter"} <= tags["images"]
+    assert {"langevin/step_size", "langevin/accept_rate"} <= tags["histograms"]
+    assert (run_dir / "latent_scatter.png").is_file()
+
+
+def test_method_plan_and_phase_follow_the_warm_up() -> None:
+    model = ALMOND(data_dim=4, latent_dim=2, vae_epochs=2, n_chains=5, langevin_steps=7)
+    assert method_phase(model) == "VAE warm-up"  # epoch 0
+    plan = method_plan(model, max_epochs=10)
+    assert "VAE warm-up for epochs 0-1" in plan and "5 chains x 7 ULA steps" in plan
+    assert "ends inside the warm-up" in method_plan(model, max_epochs=2)
+    assert method_phase(ALMOND(data_dim=4, latent_dim=2)) == "Langevin EM"
+
+
+def test_scatter_projection_keeps_2d_latents_and_finds_principal_axes() -> None:
+    z = torch.randn(200, 2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(project_2d(z)[0], z)
+    # points on a line in 5-d: the first principal component carries all the variance
+    t = torch.linspace(-1, 1, 50)[:, None]
+    line = t * torch.tensor([[1.0, 2.0, 0.0, -1.0, 0.5]])
+    xy, axes = project_2d(line)
+    assert axes == ("PC1", "PC2") and torch.allclose(xy[:, 1], torch.zeros(50), atol=1e-5)
+    assert torch.allclose(xy[:, 0].abs(), (t[:, 0] * line[-1].norm()).abs(), atol=1e-5)
+
+
+# ----- torch.compile -----------------------------------------------------------------------------
+
+
+def test_compile_switch_keeps_numerics_and_checkpoints(tmp_path: Path) -> None:
+    """Compiling (dynamo capture, eager backend: no C++ toolchain in a unit test) must not change what the
+    model computes nor its state_dict keys, so checkpoints load into uncompiled models."""
+    from torch._dynamo.utils import counters
+
+    plain, plain_dir = api.train(TINY, run_dir=tmp_path / "plain")
+    torch._dynamo.reset()
+    counters.clear()
+    compiled, compiled_dir = api.train(TINY + ["callbacks.compile.components=null", "callbacks.compile.backend=eager"],
+                                       run_dir=tmp_path / "compiled")
+    assert counters["stats"]["unique_graphs"] >= 2  # the encoder and the decoder went through dynamo
+    assert compiled["train/loss"] == plain["train/loss"] and compiled["test/nll"] == plain["test/nll"]
+    a, b = (torch.load(d / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"] for d in (plain_dir, compiled_dir))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----- configs ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("search", ["vae_optuna", "avb_optuna", "almond_optuna"])
+def test_every_search_space_names_keys_of_the_config_it_searches(search: str) -> None:
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    with initialize_config_module(config_module="latentlab.conf", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"hparams_search={search}"], return_hydra_config=True)
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    assert cfg.model._target_.lower().endswith(search.split("_")[0])
+    for key in cfg.hydra.sweeper.params:
+        assert OmegaConf.select(cfg, key, throw_on_missing=True) is not None, key
+    assert cfg.optimized_metric == "val/nll" and str(cfg.hydra.sweeper.direction).endswith("minimize")
+
+
+@pytest.mark.parametrize("launcher", ["submitit_local", "submitit_slurm"])
+def test_launcher_configs_are_valid_submitit_parameters(launcher: str, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the launcher hands to submitit (as SlurmLauncher.launch maps it) passes submitit's own checks of
+    executor parameters (for Slurm: sbatch options), so a typo fails here rather than on the cluster."""
+    import submitit
+    from hydra import compose, initialize_config_module
+    from hydra.utils import instantiate
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
+
+    with initialize_config_module(config_module="latentlab.conf", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"hydra/launcher={launcher}", f"hydra.sweep.dir={tmp_path}"],
+                      return_hydra_config=True)
+    launcher_obj = instantiate(cfg.hydra.launcher)
+    kind = launcher_obj._EXECUTOR
+    assert kind == ("slurm" if "slurm" in launcher else "local")
+    params = dict(launcher_obj.params)
+    assert params.pop("submitit_folder") == f"{tmp_path}/.submitit/%j"
+    init = {f"{kind}_max_num_timeout": params.pop("max_num_timeout")} if "max_num_timeout" in params else {}
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 1))  # no srun here
+    executor = submitit.AutoExecutor(folder=tmp_path, cluster=kind, **init)
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in base else f"{kind}_{k}": v for k, v in params.items()})
+    if kind == "slurm":  # submitit's names for the sbatch options it will write
+        assert executor._executor.parameters["time"] == 240 and executor._executor.parameters["gpus_per_node"] == 1
