@@ -124,3 +124,14 @@ def test_corrupted_data_file_is_refused(tmp_path: Path, shared_data_dir: Path) -
     assert proc.returncode != 0
     assert "t10k-images-idx3-ubyte.gz" in proc.stderr and "Traceback" not in proc.stderr
     assert not (out / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml")))
+def test_every_shipped_experiment_builds_its_data_and_model(experiment: str, shared_data_dir: Path, tmp_path: Path) -> None:
+    """The paper settings are for someone with a GPU to run: they must at least compose and build here."""
+    from latentlab.builders import build_datamodule, build_model, compose_config, resolve_paths
+
+    cfg = compose_config([f"experiment={experiment}", f"paths.data_dir={shared_data_dir}"], output_dir=tmp_path)
+    resolve_paths(cfg)
+    model = build_model(cfg, build_datamodule(cfg))
+    assert model.latent_dim == cfg.model.latent_dim and cfg.trainer.max_epochs >= 1

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from latentlab.samplers.langevin import value_and_grad  # one gradient-w.r.t.-z helper for every sampler
+
 
 @dataclass
 class Point:
@@ -35,18 +37,6 @@ class Point:
 
 
 Target = Callable[[Tensor], Point]
-
-
-def value_and_grad(log_prob: Callable[[Tensor], Tensor], z: Tensor) -> tuple[Tensor, Tensor]:
-    """log_prob(z) and d log_prob / dz (both detached), even if the caller is under `no_grad`.
-
-    Summing over the chains is safe because each chain's log-density depends on its own z only.
-    """
-    with torch.enable_grad():
-        z_leaf = z.detach().requires_grad_(True)
-        lp = log_prob(z_leaf)
-        (grad,) = torch.autograd.grad(lp.sum(), z_leaf)
-    return lp.detach(), grad.detach()
 
 
 def point_from_log_prob(log_prob: Callable[[Tensor], Tensor]) -> Target:
