@@ -6,13 +6,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import lightning.pytorch as L
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
+from matplotlib.figure import Figure
+import numpy as np
+import torch
+from torch import Tensor
 
 
 def tile(images: np.ndarray, nrow: int) -> np.ndarray:
@@ -36,13 +33,13 @@ def to_images(x: Tensor, image_shape: Sequence[int] | None) -> np.ndarray:
 
 def save_image_grid(x: Tensor, image_shape: Sequence[int] | None, path: str | Path, nrow: int = 8, title: str = "") -> np.ndarray:
     grid = tile(to_images(x, image_shape), nrow)
-    fig, ax = plt.subplots(figsize=(max(2.0, grid.shape[1] / 24), max(2.0, grid.shape[0] / 24)))
+    fig = Figure(figsize=(max(2.0, grid.shape[1] / 24), max(2.0, grid.shape[0] / 24)))  # no pyplot: no global state
+    ax = fig.subplots()
     ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_axis_off()
     if title:
         ax.set_title(title)
     fig.savefig(path, bbox_inches="tight", dpi=100)
-    plt.close(fig)
     return grid
 
 

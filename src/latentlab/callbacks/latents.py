@@ -15,18 +15,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import lightning.pytorch as L
-import matplotlib
+from matplotlib.figure import Figure
+import numpy as np
+import torch
+from scipy import stats
+from torch import Tensor
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from scipy import stats  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from latentlab.callbacks.images import tile, to_images  # noqa: E402
-from latentlab.errors import ConfigError  # noqa: E402
-from latentlab.generative import GenerativeModel  # noqa: E402
+from latentlab.callbacks.images import tile, to_images
+from latentlab.errors import ConfigError
+from latentlab.generative import GenerativeModel
 
 log = logging.getLogger("latentlab")
 REFERENCES = ("auto", "distribution", "latents")
@@ -166,7 +163,8 @@ class LatentMap(L.Callback):
         self.output_dir.mkdir(parents=True, exist_ok=True)
         path = self.output_dir / "latent_map.png"
         placed = self.positions(trainer, pl_module)
-        fig, axes = plt.subplots(1, 2 if placed is not None else 1, figsize=(12 if placed is not None else 6, 6))
+        fig = Figure(figsize=(12 if placed is not None else 6, 6))
+        axes = fig.subplots(1, 2 if placed is not None else 1)
         axes = np.atleast_1d(axes)
         axes[0].imshow(self.grid(pl_module), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         axes[0].set_title("E[x | z] over a grid of z (normal quantiles 0.05..0.95)")
@@ -180,7 +178,6 @@ class LatentMap(L.Callback):
             axes[1].set_ylabel("z2")
             axes[1].set_title("training examples in latent space")
         fig.savefig(path, bbox_inches="tight", dpi=100)
-        plt.close(fig)
         return path
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:

@@ -91,13 +91,11 @@ def plot_posteriors(path: str | Path, exact: Tensor, axis: Tensor, samples: Tens
                     title: str = "") -> None:
     """The paper's figure: per data point, samples of the method's q(z|x) (left) and the exact p(z|x)
     (right), one colour per point; regions of several points blend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
     import numpy as np
 
-    colours = plt.get_cmap("tab10")(np.arange(exact.shape[0]) % 10)[:, :3]
+    colours = colormaps["tab10"](np.arange(exact.shape[0]) % 10)[:, :3]
     lim = float(axis[-1])
     # white background; each posterior tints its cells with its colour in proportion to its density
     ink = np.zeros((*exact.shape[1:], 3))
@@ -105,7 +103,8 @@ def plot_posteriors(path: str | Path, exact: Tensor, axis: Tensor, samples: Tens
         ink += (p / max(p.max(), 1e-30))[..., None] * (1.0 - c)
     image = np.clip(1.0 - ink, 0.0, 1.0)
     ncols = 2 if samples is not None else 1
-    fig, axes = plt.subplots(1, ncols, figsize=(4.5 * ncols, 4.5), squeeze=False)
+    fig = Figure(figsize=(4.5 * ncols, 4.5))
+    axes = fig.subplots(1, ncols, squeeze=False)
     if samples is not None:
         ax = axes[0, 0]
         s = samples.detach().cpu().numpy()
@@ -123,7 +122,6 @@ def plot_posteriors(path: str | Path, exact: Tensor, axis: Tensor, samples: Tens
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 class PosteriorGrid(L.Callback):

@@ -262,15 +262,13 @@ def plot_posterior_pictures(path: str | Path, pictures: Sequence[PosteriorPictur
                             image_shape: Sequence[int] | None = None, title: str = "") -> Path:
     """One row per example: the data (if images), the exact p(z|x), the method's draws over the exact
     posterior's contours, all on the same axes so the two posteriors compare at a glance."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     import numpy as np
 
     show_x = x is not None and image_shape is not None
     ncols = 3 if show_x else 2
-    fig, axes = plt.subplots(len(pictures), ncols, figsize=(3.2 * ncols, 3.0 * len(pictures)), squeeze=False)
+    fig = Figure(figsize=(3.2 * ncols, 3.0 * len(pictures)))
+    axes = fig.subplots(len(pictures), ncols, squeeze=False)
     for row, pic in enumerate(pictures):
         density = pic.density.numpy()
         res = density.shape[0]
@@ -303,7 +301,6 @@ def plot_posterior_pictures(path: str | Path, pictures: Sequence[PosteriorPictur
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path
 
 
