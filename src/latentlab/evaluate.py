@@ -74,11 +74,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def markdown_table(rows: dict[str, dict[str, float]]) -> str:
-    """{run: {metric: value}} -> a markdown table, metrics as columns (see `latentlab.compare`)."""
-    return comparison_table(rows)
-
-
 # --------------------------------------------------------------------------- settings
 
 
@@ -334,7 +329,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     metrics.update(extra)
     record: dict[str, Any] = {**metrics, "method": ckpt["latentlab"]["method"], "ckpt_path": str(cfg.ckpt_path)}
     write_json_atomic(out / "metrics.json", record)
-    (out / "metrics.md").write_text(markdown_table({out.name: record}))
+    (out / "metrics.md").write_text(comparison_table({out.name: record}))
     publish(loggers, metrics, extra, images)
     log.info("metrics: %s", {k: round(v, 4) for k, v in sorted(metrics.items())})
     return metrics

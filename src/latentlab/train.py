@@ -120,17 +120,22 @@ def _guarded(trainer: L.Trainer, model: Any, output_dir: Path, fit: Any) -> None
         raise NumericalError(explain_numerical_error(exc, model, describe_checkpoint(last) if last else None, guard)) from None
 
 
+def _hydra_config() -> Any | None:
+    """Hydra's runtime config inside a Hydra job, None elsewhere (tests, notebooks via `latentlab.api`)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
 def _fresh_run_dir() -> bool:
     """Whether `ckpt_path=last` may look beyond this run's directory for the task's newest run: only
     for a single run whose directory Hydra made up (a timestamp). A user who named the directory
     (`hydra.run.dir=...`) means that run, and a sweep job must never pick up a sibling job's checkpoint."""
-    from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    if not HydraConfig.initialized():
-        return False
-    hc = HydraConfig.get()
-    return hc.mode == RunMode.RUN and not any(o.split("=", 1)[0].lstrip("+~") == "hydra.run.dir" for o in hc.overrides.hydra)
+    hc = _hydra_config()
+    return (hc is not None and hc.mode == RunMode.RUN
+            and not any(o.split("=", 1)[0].lstrip("+~") == "hydra.run.dir" for o in hc.overrides.hydra))
 
 
 def preflight(argv: Sequence[str]) -> None:
@@ -151,7 +156,7 @@ def preflight(argv: Sequence[str]) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    try:
+    try:  # not builders.compose_config: that module imports Lightning, which this check runs before
         with initialize_config_module(config_module="latentlab.conf", version_base="1.3"):
             compose(config_name="train", overrides=list(args.overrides))
     except (HydraException, OmegaConfBaseException) as exc:
@@ -159,10 +164,10 @@ def preflight(argv: Sequence[str]) -> None:
 
 
 def _in_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    hc = _hydra_config()
+    return hc is not None and hc.mode == RunMode.MULTIRUN
 
 
 def report(exc: LatentlabError) -> NoReturn:
