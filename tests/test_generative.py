@@ -10,7 +10,7 @@ from torch.distributions import Bernoulli, Independent, Normal
 
 from latentlab import BernoulliLikelihood, GaussianLikelihood, GenerativeModel
 from latentlab.analytic import LinearGaussian
-from latentlab.models.vae import gaussian_kl_to_standard_normal
+from latentlab.posterior import gaussian_kl_to_standard_normal
 from latentlab.nets import NetSpec, build_decoder, build_encoder
 
 

@@ -1,0 +1,3 @@
+from latentlab.reproduce import main
+
+main()

@@ -1,0 +1,122 @@
+"""ALMOND's many-normal-means table (Qiu & Wang; yixuan/almond, experiments/many-normal-means).
+
+x_i = mu_i + N(0, 1), n = 1000, mu_i ~ pi for three priors. Each method estimates pi: empirical Bayes as
+N(x-bar, s^2 - 1), the VAE and ALMOND as the law of the decoder mean h(z), z ~ N(0, 1). The yardsticks are
+the Kolmogorov-Smirnov distance D and the 1-Wasserstein distance W between 5000 draws of the estimate and
+of the true pi (the same two-sample statistics as `LatentDistributionMetrics`, test/ks and test/w1).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from latentlab.reproduce import Report, Table
+from latentlab.reproduce.common import cell, markdown_table, train_run
+
+PRIORS = ("normal", "exponential", "mixture")
+N_DRAWS = 5000
+# the official figure (experiments/results/mnn_example.pdf, seed 123) as D / W
+PAPER = {
+    "normal": {"eb": (0.048, 0.079), "vae": (0.059, 0.101), "almond": (0.045, 0.081)},
+    "exponential": {"eb": (0.161, 0.615), "vae": (0.086, 0.208), "almond": (0.024, 0.041)},
+    "mixture": {"eb": (0.168, 0.474), "vae": (0.114, 0.306), "almond": (0.078, 0.172)},
+}
+# experiment defaults are the paper's budget; the others shorten it
+BUDGET = {
+    "paper": {"vae": [], "almond": []},
+    # the full VAE warm-up, then 200 Langevin epochs (of the paper's 1000)
+    "cpu": {"vae": [], "almond": ["trainer.max_epochs=1200"]},
+    "smoke": {"vae": ["trainer.max_epochs=3"],
+              "almond": ["model.vae_epochs=2", "trainer.max_epochs=4", "model.n_chains=4"]},
+}
+METHODS = {"vae": "experiment=vae_normal_means", "almond": "experiment=almond_normal_means"}
+
+
+def empirical_bayes(prior: str, data_seed: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(estimated, true) draws of pi, N_DRAWS each: empirical Bayes fits N(x-bar, max(s^2 - 1, 0))."""
+    from latentlab.data import NormalMeansDataModule
+
+    dm = NormalMeansDataModule(prior=prior, data_seed=data_seed)
+    dm.setup("fit")
+    x = dm.data("train").reshape(-1)
+    var = max(float(x.var()) - 1.0, 1e-6)
+    estimate = float(x.mean()) + var**0.5 * torch.randn(N_DRAWS, generator=generator)
+    return estimate, true_draws(dm)
+
+
+def true_draws(dm: object) -> torch.Tensor:
+    """N_DRAWS draws of the true pi, under a forked global RNG (torch.distributions has no generator)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        return dm.prior_distribution().sample((N_DRAWS,)).reshape(-1)  # type: ignore[attr-defined]
+
+
+def distances(estimate: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
+    from latentlab.callbacks.latents import latent_distribution_distances
+
+    d = latent_distribution_distances(estimate.reshape(-1, 1), truth.reshape(-1, 1))
+    return d["ks"], d["w1"]
+
+
+def learned_prior(run_dir: Path) -> torch.Tensor:
+    """N_DRAWS draws of h(z), z ~ N(0, 1), from a finished run's checkpoint."""
+    from latentlab import api
+    from latentlab.callbacks.latents import learned_latents
+
+    model, _ = api.load_model(run_dir, setup_data=False)
+    return learned_latents(model.model, N_DRAWS, torch.Generator().manual_seed(0)).reshape(-1)
+
+
+def run(out_dir: Path, budget: str, repeats: int) -> Report:
+    results: dict[str, dict[str, list[tuple[float, float]]]] = {p: {m: [] for m in ("eb", *METHODS)} for p in PRIORS}
+    draws: dict[str, dict[str, torch.Tensor]] = {p: {} for p in PRIORS}
+    for prior in PRIORS:
+        for r in range(repeats):
+            seed = 123 + r
+            estimate, truth = empirical_bayes(prior, seed, torch.Generator().manual_seed(seed))
+            results[prior]["eb"].append(distances(estimate, truth))
+            draws[prior].setdefault("truth", truth)
+            draws[prior].setdefault("eb", estimate)
+            for method, experiment in METHODS.items():
+                run_dir = out_dir / prior / f"{method}-{r}"
+                train_run(run_dir, [experiment, f"data.prior={prior}", f"data.data_seed={seed}", f"seed={seed}",
+                                    f"callbacks.latent_metrics.n_samples={N_DRAWS}", *BUDGET[budget][method]])
+                learned = learned_prior(run_dir)
+                results[prior][method].append(distances(learned, truth))
+                draws[prior].setdefault(method, learned)
+    rows = []
+    for prior in PRIORS:
+        for which, label in ((0, "D (KS)"), (1, "W (1-Wasserstein)")):
+            ours = [cell([v[which] for v in results[prior][m]]) for m in ("eb", *METHODS)]
+            paper = [f"{PAPER[prior][m][which]:.3f}" for m in ("eb", *METHODS)]
+            rows.append([prior, label, *ours, *paper])
+    header = ["prior", "distance", "EB (ours)", "VAE (ours)", "ALMOND (ours)", "EB (paper)", "VAE (paper)",
+              "ALMOND (paper)"]
+    figure = plot(out_dir / "almond_normal_means.png", draws)
+    return Report(markdown_table(header, rows), figure)
+
+
+def plot(path: Path, draws: dict[str, dict[str, torch.Tensor]]) -> Path:
+    """The three estimated priors against the truth, one panel per prior (as the official figure)."""
+    from latentlab.plotting import new_figure
+
+    fig, axes = new_figure(1, len(draws), size=(4.0, 3.2))
+    for ax, (prior, d) in zip(axes, draws.items()):
+        truth = d["truth"].numpy()
+        bins = np.linspace(np.quantile(truth, 0.001) - 1, np.quantile(truth, 0.999) + 1, 60)
+        ax.hist(truth, bins=bins, density=True, color="0.85", label="true prior")
+        for key, label in (("eb", "empirical Bayes"), ("vae", "VAE"), ("almond", "ALMOND")):
+            if key in d:
+                hist, edges = np.histogram(d[key].numpy(), bins=bins, density=True)
+                ax.plot(0.5 * (edges[1:] + edges[:-1]), hist, label=label)
+        ax.set_title(prior)
+    axes[0].legend(fontsize=7)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+TABLE = Table("almond_normal_means", "Qiu & Wang's many normal means: KS / W1 distance of the estimated prior "
+              "(empirical Bayes, VAE, ALMOND) to the true one, three priors.", run)
