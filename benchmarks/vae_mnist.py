@@ -1,14 +1,21 @@
-"""Seconds per epoch of latentlab's VAE against a plain PyTorch loop of the same model, same process.
+"""Seconds per epoch of `latentlab-train` against a hand-written PyTorch loop (and pythae), taking turns.
 
-    python benchmarks/vae_mnist.py --data-dir ../shared/data --epochs 3
+    python benchmarks/vae_mnist.py                                   # 2 epochs each, then the NLLs
+    python benchmarks/vae_mnist.py --epochs 10 --seeds 0 1 --pythae-python /tmp/pythae-venv/bin/python
+    python benchmarks/vae_mnist.py --breakdown --train-subset 12800  # what each default costs
+    python benchmarks/vae_mnist.py --trainer gpu                     # the same on a GPU (benchmarks/gpu.sh)
 
-Model: the 784-512-512-(2x32) MLP VAE with a Bernoulli decoder (512-512-784), Adam 1e-3, batch 100,
-MNIST 55k training images (grey values as Bernoulli targets). Both loops see the same tensors; the
-plain loop slices them directly (the floor). Plain epochs run before, between and after the latentlab
-runs (each one `fit` of all its epochs, as a user's run), so slow phases of the shared machine show in both;
-the table shows medians and the ratio (goal: <= 1.10). "lean" drops the safety nets (atomic checkpoints,
-RNG-state saving, NaN guard, logger) to show what they cost.
-Then the test NLL (importance sampling, k=1000, first 1000 test images) of both models.
+The model of issue 14: VAE 784-512-512-(2x32), Bernoulli decoder, MNIST 60k statically binarized at 0.5,
+batch 128, Adam 1e-3, no validation. latentlab runs as `latentlab-train` builds it, default callbacks
+included (progress bar, model summary, atomic checkpoint every epoch, RNG states, NaN guard, CSV logger),
+one `fit` of all epochs. The hand-written loop is what a researcher writes: slices of the same tensor,
+`torch.optim.Adam(params, lr)` as PyTorch defaults it. pythae (optional, from its own interpreter, see
+`pythae_vae.py`) trains the same networks. The loops take turns epoch by epoch (hand, pythae, latentlab),
+so a slow phase of the shared machine hits all three; each epoch is timed in wall and process-CPU seconds
+(CPU time is the steadier number on a loaded machine). Ratios are medians over epochs, to the hand loop.
+Then, after equal epochs, the test NLL (importance sampling, k=1000, first 1000 test images) of both models
+and their last-epoch mean training losses (same in distribution: the defaults must not change results).
+`--breakdown` trains variants, each without one default, each against its own interleaved hand epochs.
 """
 
 from __future__ import annotations
@@ -16,21 +23,43 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as L
 import torch
 from torch import nn
 
-from latentlab.models import VAE
-
 from latentlab.builders import build_callbacks, build_datamodule, build_loggers, build_model, build_trainer, compose_config, resolve_paths
-from latentlab.metrics.loglik import importance_sampling_log_likelihood
-from latentlab.models import VAE
 
-LATENT, HIDDEN, BATCH, LR = 32, [512, 512], 100, 1e-3
+
+def is_log_px(log_joint: Any, x: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor, k: int, chunk_size: int,
+              generator: torch.Generator | None) -> torch.Tensor:
+    """latentlab's importance-sampling estimator with a diagonal-Gaussian proposal, (batch,) log p(x)."""
+    try:  # the estimator layer (latentlab.estimators), else the older latentlab.metrics.loglik
+        from latentlab.estimators import importance_sampling
+        from latentlab.posterior import GaussianPosterior
+
+        return importance_sampling(log_joint, x, GaussianPosterior(mean, log_var), k, chunk_size, generator).log_px
+    except ImportError:  # pragma: no cover - older layout
+        from latentlab.metrics.loglik import importance_sampling_log_likelihood
+
+        q = torch.distributions.Independent(torch.distributions.Normal(mean, torch.exp(0.5 * log_var)), 1)
+        return importance_sampling_log_likelihood(log_joint, q, x, k=k, chunk_size=chunk_size, generator=generator)
+
+LATENT, BATCH, LR = 32, 128, 1e-3
+BREAKDOWN = {  # variant -> overrides on top of the defaults: what each default costs
+    "no progress bar": ["callbacks.progress_bar=null"],
+    "no NaN guard": ["callbacks.numerics=null"],
+    "no ckpt/RNG/logger": ["callbacks.model_checkpoint=null", "callbacks.random_state=null", "logger=none",
+                           "+trainer.enable_checkpointing=false"],
+    "Adam loop (not fused)": ["+model.optimizer.foreach=false"],
+    "log every step": ["trainer.log_every_n_steps=1"],
+}
 
 
 class PlainVAE(nn.Module):
@@ -50,102 +79,274 @@ class PlainVAE(nn.Module):
 
     def log_joint(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         logits = self.dec(z)
-        x = x.expand_as(logits)
-        lik = -nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
+        lik = -nn.functional.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
         return lik - 0.5 * (z.pow(2).sum(-1) + LATENT * math.log(2 * math.pi))
 
-    def proposal(self, x: torch.Tensor) -> torch.distributions.Distribution:
+    def gaussian(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z|x)'s mean and log-variance."""
         mu, log_var = self.enc(x).chunk(2, -1)
-        return torch.distributions.Independent(torch.distributions.Normal(mu, torch.exp(0.5 * log_var)), 1)
+        return mu, log_var
 
 
-def plain_epoch(model: PlainVAE, opt: torch.optim.Optimizer, x: torch.Tensor) -> float:
-    start = time.perf_counter()
-    perm = torch.randperm(x.shape[0])
-    for i in range(0, x.shape[0], BATCH):
-        opt.zero_grad(set_to_none=True)
-        loss = model.loss(x[perm[i: i + BATCH]])
-        loss.backward()
-        opt.step()
-    return time.perf_counter() - start
+class HandLoop:
+    """The hand-written loop; `epoch()` trains one epoch and returns (wall s, cpu s, mean loss)."""
+
+    def __init__(self, x: torch.Tensor, device: torch.device, seed: int) -> None:
+        torch.manual_seed(seed)
+        self.x, self.model = x, PlainVAE().to(device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=LR)
+
+    def epoch(self) -> tuple[float, float, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        perm, total = torch.randperm(self.x.shape[0], device=self.x.device), torch.zeros((), device=self.x.device)
+        for i in range(0, self.x.shape[0], BATCH):
+            self.opt.zero_grad(set_to_none=True)
+            loss = self.model.loss(self.x[perm[i: i + BATCH]])
+            loss.backward()
+            self.opt.step()
+            total += loss.detach()
+        mean = float(total) / math.ceil(self.x.shape[0] / BATCH)
+        return time.perf_counter() - wall, time.process_time() - cpu, mean
 
 
-class EpochTimer(L.Callback):
-    def __init__(self) -> None:
-        self.times: list[float] = []
+class Pythae:
+    """pythae in its own interpreter, one epoch per `epoch()` (see pythae_vae.py)."""
+
+    def __init__(self, python: str, x: torch.Tensor, epochs: int, args: argparse.Namespace, seed: int) -> None:
+        path = Path(tempfile.mkdtemp(prefix="latentlab-bench-")) / "train.pt"
+        torch.save(x.cpu(), path)
+        cmd = [python, str(Path(__file__).with_name("pythae_vae.py")), "--data", str(path), "--epochs", str(epochs),
+               "--batch", str(BATCH), "--lr", str(LR), "--latent", str(LATENT), "--threads", str(args.threads),
+               "--seed", str(seed), "--device", "cuda" if args.trainer == "gpu" else "cpu"]
+        self.log = open(path.with_suffix(".log"), "w")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        if self._line() != "ready":
+            raise RuntimeError(f"pythae did not start; see {self.log.name}")
+
+    def _line(self) -> str:
+        assert self.proc.stdout is not None
+        return self.proc.stdout.readline().strip()
+
+    def epoch(self) -> tuple[float, float, float]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        line = self._line()
+        if not line.startswith("epoch "):
+            raise RuntimeError(f"pythae failed: {line!r}; see {self.log.name}")
+        wall, cpu, loss = (float(v) for v in line.split()[1:])
+        return wall, cpu, loss
+
+    def close(self) -> None:
+        self.proc.wait(timeout=120)
+        self.log.close()
+
+
+class TakeTurns(L.Callback):
+    """Times latentlab's epochs (wall and CPU, epoch start to the next epoch's start, so the checkpoint
+    written at each epoch's end counts) and runs the other loops' epochs in between, untimed here."""
+
+    def __init__(self, others: dict[str, Any]) -> None:
+        self.others = others
+        self.times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in ["latentlab", *others]}
+        self._start: tuple[float, float] | None = None
+        self._loss: torch.Tensor | None = None
+        self._batches = 0
+
+    def _stop(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # a GPU epoch ends when its queued work does
+        if self._start is not None:
+            loss = float(self._loss) / max(1, self._batches) if self._loss is not None else float("nan")
+            self.times["latentlab"].append((time.perf_counter() - self._start[0], time.process_time() - self._start[1], loss))
+            self._start = None
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._t = time.perf_counter()
+        self._stop()
+        for name, other in self.others.items():
+            self.times[name].append(other.epoch())
+        self._loss, self._batches = None, 0
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._start = (time.perf_counter(), time.process_time())
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs["loss"].detach() if isinstance(outputs, dict) else outputs.detach()
+        self._loss = loss if self._loss is None else self._loss + loss  # stays on the device: no sync
+        self._batches += 1
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop()
+
+
+def compose(args: argparse.Namespace, extra: list[str]) -> Any:
+    overrides = [
+        "data=mnist", f"paths.data_dir={Path(args.data_dir).resolve()}", "data.binarize=static",
+        "data.binarize_threshold=0.5", "data.val_size=0", f"data.batch_size={BATCH}", "net=mlp_large",
+        f"model.latent_dim={LATENT}", f"model.optimizer.lr={LR}", f"seed={args.seed}",
+        f"trainer.max_epochs={args.epochs}", "trainer.num_sanity_val_steps=0",
+        *([f"trainer={args.trainer}"] if args.trainer != "cpu" else []),
+        *([f"data.train_subset={args.train_subset}"] if args.train_subset else []), *args.override, *extra,
+    ]
+    cfg = compose_config(overrides, output_dir=Path(tempfile.mkdtemp(prefix="latentlab-bench-")))
+    resolve_paths(cfg)
+    return cfg
+
+
+def run_variant(args: argparse.Namespace, extra: list[str], pythae: str | None) -> tuple[dict[str, list], Any, Any, Any]:
+    """One `fit` of latentlab with `extra` overrides, the hand loop (and pythae) taking turns with it."""
+    L.seed_everything(args.seed, workers=True, verbose=False)
+    cfg = compose(args, extra)
+    dm = build_datamodule(cfg)
+    dm.prepare_data()
+    dm.setup("fit")
+    model = build_model(cfg, dm)
+    device = torch.device("cuda" if args.trainer == "gpu" else "cpu")
+    x = dm.data("train").to(device)  # the very tensor latentlab trains on
+    others: dict[str, Any] = {"hand": HandLoop(x, device, args.seed)}
+    if pythae:
+        others["pythae"] = Pythae(pythae, x, args.epochs, args, args.seed)
+    turns = TakeTurns(others)
+    trainer = build_trainer(cfg, [*build_callbacks(cfg), turns], build_loggers(cfg))
+    trainer.fit(model, datamodule=dm)
+    if "pythae" in others:
+        others["pythae"].close()
+    return turns.times, model, others["hand"], dm
+
+
+SYNC_EVENTS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def activities() -> list[torch.profiler.ProfilerActivity]:
+    extra = [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+    return [torch.profiler.ProfilerActivity.CPU, *extra]
+
+
+class SyncCounter(L.Callback):
+    """Profiles `steps` whole training steps after `warmup` and counts host syncs: `aten::_local_scalar_dense`
+    is every read of a tensor's value on the host (`.item()`, `float(t)`, `bool(t)`: a sync on a GPU), the
+    cuda*Synchronize calls are explicit waits."""
+
+    def __init__(self, steps: int, warmup: int = 5) -> None:
+        self.steps, self.warmup = steps, warmup
+        self.prof: torch.profiler.profile | None = None
+        self.counts: dict[str, int] = {}
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if batch_idx == self.warmup:
+            self.prof = torch.profiler.profile(activities=activities())
+            self.prof.start()
+        elif batch_idx == self.warmup + self.steps:
+            self._finish()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.times.append(time.perf_counter() - self._t)
+        self._finish(trainer.fit_loop.epoch_loop.batch_progress.current.ready - self.warmup)
+
+    def _finish(self, steps: int | None = None) -> None:
+        if self.prof is None:
+            return
+        self.prof.stop()
+        self.steps = steps if steps is not None else self.steps
+        names = [event.name for event in self.prof.events()]
+        self.counts = {name: names.count(name) for name in SYNC_EVENTS}
+        self.prof = None
+
+
+def count_syncs(args: argparse.Namespace, steps: int) -> None:
+    """Host syncs per training step of latentlab (with `--override`s, e.g. model=almond) and of the hand loop."""
+    cfg = compose(args, [f"+trainer.limit_train_batches={steps + 6}", "trainer.max_epochs=1"])
+    counter = SyncCounter(steps)
+    dm = build_datamodule(cfg)
+    dm.prepare_data()
+    dm.setup("fit")
+    trainer = build_trainer(cfg, [*build_callbacks(cfg), counter], build_loggers(cfg))
+    trainer.fit(build_model(cfg, dm), datamodule=dm)
+    device = torch.device("cuda" if args.trainer == "gpu" else "cpu")
+    hand = HandLoop(dm.data("train")[: BATCH * steps].to(device), device, args.seed)
+    with torch.profiler.profile(activities=activities()) as prof:
+        hand.epoch()  # one float() at its end, not per step
+    names = [event.name for event in prof.events()]
+    hand_steps, steps = steps, counter.steps
+    print(f"\nhost syncs per training step ({steps} steps profiled, {args.trainer}; overrides {args.override or 'none'})")
+    print(f"{'event':<30}{'latentlab':>11}{'hand':>8}")
+    for name in SYNC_EVENTS:
+        print(f"{name:<30}{counter.counts.get(name, 0) / steps:>11.2f}{names.count(name) / hand_steps:>8.2f}")
+
+
+def median(rows: list[tuple[float, float, float]], i: int) -> float:
+    return statistics.median(r[i] for r in rows)
+
+
+def print_table(title: str, times: dict[str, list]) -> None:
+    print(f"\n{title}")
+    print(f"{'loop':<24}{'epochs':>7}{'wall s/epoch':>14}{'ratio':>7}{'cpu s/epoch':>13}{'ratio':>7}{'last loss':>11}")
+    hand_wall, hand_cpu = median(times["hand"], 0), median(times["hand"], 1)
+    for name, rows in times.items():
+        wall, cpu = median(rows, 0), median(rows, 1)
+        print(f"{name:<24}{len(rows):>7}{wall:>14.2f}{wall / hand_wall:>7.2f}{cpu:>13.2f}{cpu / hand_cpu:>7.2f}{rows[-1][2]:>11.2f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default="../shared/data")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared machine)")
+    parser.add_argument("--trainer", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--train-subset", type=int, default=None, help="fewer training images (quick runs)")
+    parser.add_argument("--pythae-python", default=None, help="interpreter of a venv with pythae 0.1.2: third column")
+    parser.add_argument("--breakdown", action="store_true", help="also time variants, each without one default")
     parser.add_argument("--nll-k", type=int, default=1000)
-    parser.add_argument("--nll-n", type=int, default=1000)
+    parser.add_argument("--nll-n", type=int, default=1000, help="test images for the NLL line (0: skip it)")
+    parser.add_argument("--override", nargs="*", default=[], help="more Hydra overrides for latentlab")
+    parser.add_argument("--count-syncs", type=int, default=0, metavar="STEPS",
+                        help="only count host syncs per step over STEPS profiled steps")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    print(f"VAE 784-512-512-(2x{LATENT}), MNIST binarized at 0.5, batch {BATCH}, Adam {LR}, {args.threads} thread(s), "
+          f"{args.trainer}, torch {torch.__version__}, {when}")
+    if args.count_syncs:
+        args.seed = args.seeds[0]
+        count_syncs(args, args.count_syncs)
+        return
+    for seed in args.seeds:
+        args.seed = seed
+        times, model, hand, dm = run_variant(args, [], args.pythae_python)
+        print_table(f"seed {seed}: latentlab-train defaults (goal: <= 1.05x hand, <= 0.87x pythae)", times)
+        if args.nll_n:
+            nll(args, model, hand, dm)
+        if args.breakdown:
+            rows = {"hand": [], **{f"latentlab {k}": [] for k in ["defaults", *BREAKDOWN]}}
+            for name, extra in [("defaults", []), *BREAKDOWN.items()]:
+                variant, _, _, _ = run_variant(args, extra, None)
+                rows["hand"] += variant["hand"]
+                rows[f"latentlab {name}"] = variant["latentlab"]
+            print_table(f"seed {seed}: breakdown (each variant drops one default; hand = all interleaved hand epochs)", rows)
 
-    # latentlab exactly as `latentlab-train` builds it (default callbacks: atomic checkpoints every epoch,
-    # RNG-state saving, the NaN guard; CSV logger), minus validation and the terminal progress bar; and a
-    # "lean" variant without those safety nets, so the table shows what they cost.
-    common = [
-        "data=mnist", f"paths.data_dir={Path(args.data_dir).resolve()}", "data.binarize=none", f"data.batch_size={BATCH}",
-        "net=mlp_large", f"model.latent_dim={LATENT}", f"model.optimizer.lr={LR}", f"model.eval.k={args.nll_k}",
-        "callbacks.progress_bar=null", "callbacks.image_grid=null", "callbacks.model_summary=null", "+trainer.limit_val_batches=0",
-        "trainer.num_sanity_val_steps=0", "trainer.enable_model_summary=false", "+trainer.enable_progress_bar=false",
-        *([f"+data.train_subset={args.train_subset}"] if args.train_subset else []),
-    ]
-    lean = ["callbacks.model_checkpoint=null", "callbacks.random_state=null", "callbacks.numerics=null", "logger=none",
-            "+trainer.enable_checkpointing=false", "trainer.deterministic=false"]
-    variants: dict[str, tuple[L.Trainer, VAE, EpochTimer]] = {}
-    for name, extra in (("latentlab", []), ("lean", lean)):
-        cfg = compose_config(common + extra, output_dir=Path(tempfile.mkdtemp(prefix="latentlab-bench-")))
-        resolve_paths(cfg)
-        dm = build_datamodule(cfg)
-        dm.prepare_data()
-        dm.setup("fit")
-        timer = EpochTimer()
-        variants[name] = (build_trainer(cfg, [*build_callbacks(cfg), timer], build_loggers(cfg)), build_model(cfg, dm), timer)
-    x_train = torch.cat([b[0] for b in dm.train_dataloader()])  # the very tensors latentlab trains on
 
-    plain = PlainVAE()
-    plain_opt = torch.optim.Adam(plain.parameters(), lr=LR)
-    plain_times: list[float] = []
-    plain_times.append(plain_epoch(plain, plain_opt, x_train))  # warm-up epoch for the allocator, counted
-    for trainer, model, _ in variants.values():  # each trains as a user's run does: one fit, all epochs
-        plain_times.append(plain_epoch(plain, plain_opt, x_train))
-        trainer.fit_loop.max_epochs = args.epochs
-        trainer.fit(model, datamodule=dm)
-    plain_times.append(plain_epoch(plain, plain_opt, x_train))
+def lab_gaussian(model: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's q(z|x) as (mean, log_var), through the posterior contract where it exists."""
+    if hasattr(model, "posterior"):
+        return model.posterior(x).gaussian()
+    return model.encode(x)
 
-    p = statistics.median(plain_times)
-    print(f"\nVAE 784-512-512-(2x{LATENT}) on MNIST ({x_train.shape[0]} images, batch {BATCH}, {args.threads} threads)")
-    print(f"{'loop':<12}{'epochs':>8}{'s/epoch (median)':>20}{'ratio':>8}")
-    print(f"{'plain torch':<12}{len(plain_times):>8}{p:>20.2f}{1.0:>8.2f}")
-    for name, (_, _, timer) in variants.items():
-        t = statistics.median(timer.times)
-        note = "   goal <= 1.10" if name == "latentlab" else "   no checkpoints, NaN guard, logger"
-        print(f"{name:<12}{len(timer.times):>8}{t:>20.2f}{t / p:>8.2f}{note}")
-    model = variants["latentlab"][1]
 
-    x_test = torch.cat([b[0] for b in dm.test_dataloader()])[: args.nll_n]
+def nll(args: argparse.Namespace, model: Any, hand: HandLoop, dm: Any) -> None:
+    """Test NLL of both models after the same number of epochs, one estimator and budget."""
+    device = next(model.parameters()).device
+    x_test = dm.data("test")[: args.nll_n].to(device)
     model.eval()
+    results = {}
     with torch.no_grad():
-        torch.manual_seed(1)
-        nll_lab = -model.log_px(x_test).mean().item()
-        torch.manual_seed(1)
-        nll_plain = -importance_sampling_log_likelihood(plain.log_joint, plain.proposal(x_test), x_test,
-                                                        k=args.nll_k, chunk_size=100).mean().item()
-    print(f"\ntest NLL (IS, k={args.nll_k}, first {x_test.shape[0]} test images) after {args.epochs} epochs:")
-    print(f"  latentlab {nll_lab:.2f} nats   plain {nll_plain:.2f} nats")
+        for name, log_joint, (mean, log_var) in (("latentlab", model.model.log_joint, lab_gaussian(model, x_test)),
+                                                 ("hand", hand.model.log_joint, hand.model.gaussian(x_test))):
+            generator = torch.Generator(device=device).manual_seed(1)
+            results[name] = -is_log_px(log_joint, x_test, mean, log_var, args.nll_k, 100, generator).mean().item()
+    nll_lab, nll_hand = results["latentlab"], results["hand"]
+    print(f"test NLL (IS, k={args.nll_k}, first {x_test.shape[0]} test images) after {args.epochs} epochs each: "
+          f"latentlab {nll_lab:.2f} nats, hand {nll_hand:.2f} nats")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,11 @@ from latentlab.callbacks.latents import latent_distribution_distances, learned_l
 from latentlab.data import DigitsDataModule, NormalMeansDataModule
 from latentlab.errors import ConfigError, NumericalError
 from latentlab.models import ALMOND, VAE
+from latentlab.estimators import NLLSettings, importance_sampling
 from latentlab.models.almond import first_occurrences, inverse_sqrt_lr, langevin_step_size
+from latentlab.models.chains import PersistentChains
+from latentlab.posterior import GaussianPosterior
+from latentlab.samplers import MALA, ULA
 
 D, d = 6, 2
 
@@ -33,11 +37,12 @@ def ppca_data(n: int, seed: int = 0) -> tuple[LinearGaussian, torch.Tensor]:
     return truth, truth.sample(n, generator=g)[0]
 
 
-def linear_almond(**kw: object) -> ALMOND:
+def linear_almond(step_size: float = 0.1, langevin_steps: int = 5, sampler: str = "ula", **kw: object) -> ALMOND:
     """Linear decoder + Gaussian likelihood: p(x) and p(z | x) are Gaussian and known exactly."""
+    kernel = MALA(step_size, langevin_steps) if sampler == "mala" else ULA(step_size, langevin_steps)
     args: dict = dict(data_dim=D, latent_dim=d, net={"kind": "mlp", "hidden_dims": []},
                       likelihood={"kind": "gaussian", "variance": 1.0, "learn_variance": True},
-                      optimizer=lambda p: torch.optim.Adam(p, lr=2e-2), n_chains=10, langevin_steps=5, step_size=0.1)
+                      optimizer=lambda p: torch.optim.Adam(p, lr=2e-2), n_chains=10, sampler=kernel)
     args.update(kw)
     return ALMOND(**args)
 
@@ -103,8 +108,8 @@ def test_e_step_samples_the_exact_ula_stationary_law_of_the_posterior() -> None:
     x = truth.sample(4, generator=g)[0]
     s, chains = 0.02, 2000
     model = ALMOND(data_dim=D, latent_dim=d, net={"kind": "mlp", "hidden_dims": []},
-                   likelihood={"kind": "gaussian", "variance": truth.s2}, n_chains=chains, langevin_steps=50,
-                   step_size=s, num_train=4)
+                   likelihood={"kind": "gaussian", "variance": truth.s2}, n_chains=chains, sampler=ULA(s, 50),
+                   num_train=4)
     with torch.no_grad():
         model.model.decoder[0].weight.copy_(truth.W)
         model.model.decoder[0].bias.copy_(truth.b)
@@ -164,25 +169,25 @@ def test_almond_reaches_the_ppca_maximum_likelihood(trained_ppca: tuple[ALMOND, 
     assert bool(model.visited.all())
 
 
-def test_importance_sampling_with_chain_fitted_proposals_matches_exact_log_likelihood(
+def test_posterior_draws_give_the_exact_log_likelihood(
         trained_ppca: tuple[ALMOND, torch.Tensor, torch.Tensor]) -> None:
-    """Both proposals (persistent training chains; fresh Langevin chains for unseen data) are inflated
-    diagonal Gaussians around a (correlated) Gaussian posterior: with k = 1000 the weights' spread
-    leaves an error of a few hundredths of a nat per example."""
+    """ALMOND's posterior has no density, so the protocol runs AIS from the Gaussian fitted to fresh Langevin
+    chains (unseen data); the persistent training chains' moment fit, inflated 1.2x, is a proposal whose
+    importance weights (k = 1000) leave an error of a few hundredths of a nat per example."""
     model, x_train, x_test = trained_ppca
-    assert model.nll_estimator() == "is"
-    model.eval_spec.k = 1000
+    assert not model.posterior(x_test).has_density and NLLSettings.preset("standard").resolve(False) == "ais"
     with torch.no_grad():
         exact_test = learned_marginal(model).log_prob(x_test)
         exact_train = learned_marginal(model).log_prob(x_train[:200])
-    torch.manual_seed(0)
-    assert (model.log_px(x_test, torch.arange(len(x_test))) - exact_test).abs().mean() < 0.05
+    estimate = model.log_px(x_test, torch.arange(len(x_test)), "test", torch.Generator().manual_seed(0))
+    assert estimate.estimator == "ais" and (estimate.log_px - exact_test).abs().mean() < 0.05
     index = torch.arange(200)
-    q = model.proposal(x_train[:200], index, split="train")
     chains = model.chain_states(index)
-    assert torch.allclose(q.mean, chains.mean(0)) and torch.allclose(q.stddev, 1.2 * chains.std(0).clamp(min=1e-3))
-    from latentlab.metrics.loglik import importance_sampling_log_likelihood
-    log_px = importance_sampling_log_likelihood(model.model.log_joint, q, x_train[:200], k=1000)
+    mean, log_var = model.posterior(x_train[:200], index, split="train").fitted_gaussian(model.n_chains)
+    q = GaussianPosterior(mean, log_var + 2 * math.log(1.2))
+    assert torch.allclose(q.mean, chains.mean(0))
+    assert torch.allclose((0.5 * q.log_var).exp(), 1.2 * chains.std(0).clamp(min=1e-3))
+    log_px = importance_sampling(model.model.log_joint, x_train[:200], q, 1000, 250, torch.Generator().manual_seed(0)).log_px
     assert (log_px - exact_train).abs().mean() < 0.05
 
 
@@ -203,7 +208,7 @@ def test_vae_warm_up_then_langevin_phase(tmp_path: Path) -> None:
     assert [p for _, p, _, _ in seen] == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
     assert [s for _, _, s, _ in seen[2:]] == pytest.approx([0.05, 0.05, 0.05 / math.sqrt(2), 0.05 / math.sqrt(2)])
     enc = [state for _, _, _, state in seen]
-    assert not torch.equal(enc[0]["0.weight"], enc[1]["0.weight"])  # trained during the warm-up
+    assert not torch.equal(enc[0]["net.0.weight"], enc[1]["net.0.weight"])  # trained during the warm-up
     assert all(torch.equal(enc[1][k], e[k]) for e in enc[2:] for k in e)  # untouched afterwards
     assert model.chain_init == "encoder" and bool(model.visited.all())
 
@@ -233,7 +238,8 @@ def test_resume_from_last_ckpt_continues_the_same_chains(tmp_path: Path, sampler
     for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
     if sampler == "mala":
-        assert torch.allclose(straight._chain_step, resumed._chain_step)
+        assert torch.allclose(straight.chain_step_sizes, resumed.chain_step_sizes)
+        assert torch.equal(straight.store.count, resumed.store.count) and bool((resumed.store.count == 2 * 5).all())  # 2 epochs x 5 moves
     # a fresh model takes the weights strictly (chains are not in the state_dict) and the chains via the hook
     fresh = linear_almond(sampler=sampler)
     assert fresh.load_state_dict(ckpt["state_dict"], strict=True)
@@ -261,7 +267,7 @@ def test_ddp_two_processes_keep_identical_chains(tmp_path: Path) -> None:
     N = 37  # odd, so DistributedSampler pads a duplicate example
     x = torch.randn(N, 3, generator=torch.Generator().manual_seed(0))
     model = ALMOND(data_dim=3, latent_dim=2, net={"kind": "mlp", "hidden_dims": [8]}, likelihood="gaussian",
-                   n_chains=3, langevin_steps=2, vae_epochs=1)
+                   n_chains=3, sampler=ULA(0.1, 2), vae_epochs=1)
     trainer = quiet_trainer(max_epochs=2, devices=2, strategy="ddp_spawn", callbacks=[ChainDump(str(tmp_path))])
     trainer.fit(model, DataLoader(TensorDataset(x, torch.arange(N)), batch_size=5, shuffle=True))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
@@ -280,19 +286,22 @@ def test_ddp_two_processes_keep_identical_chains(tmp_path: Path) -> None:
 # ----- configuration and evaluation choices ----------------------------------------------------
 
 
-@pytest.mark.parametrize("kw, key", [({"n_chains": 0}, "n_chains"), ({"step_size": -1.0}, "step_size"),
-                                     ({"sampler": "hmc"}, "sampler"), ({"chain_init": "encoder"}, "vae_epochs"),
-                                     ({"eval_chains": 1}, "eval_chains"), ({"proposal_inflation": 0.5}, "inflation"),
-                                     ({"eval_proposal": "none", "eval": {"estimator": "is"}}, "eval_proposal")])
+@pytest.mark.parametrize("kw, key", [({"n_chains": 0}, "n_chains"), ({"sampler": "hmc"}, "sampler"),
+                                     ({"chain_init": "encoder"}, "vae_epochs"), ({"eval_chains": 1}, "eval_chains"),
+                                     ({"mstep_warmup_epochs": -1}, "mstep_warmup_epochs"),
+                                     ({"sampler": object()}, "sampler=ula|mala")])
 def test_impossible_settings_are_refused_before_training(kw: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=key):
-        linear_almond(**kw)
+        ALMOND(data_dim=D, latent_dim=d, **kw)
+    with pytest.raises(ValueError, match="step_size"):  # the sampler's own range (conf/sampler/)
+        linear_almond(step_size=-1.0)
 
 
-def test_auto_estimator_uses_ais_without_an_eval_proposal() -> None:
-    model = linear_almond(eval_proposal="none")
-    assert model.nll_estimator() == "ais" and model.proposal(torch.zeros(3, D), torch.arange(3)) is None
-    assert linear_almond().nll_estimator() == "is"
+def test_posterior_has_no_density_so_the_protocol_uses_ais() -> None:
+    model = linear_almond()
+    post = model.posterior(torch.zeros(3, D), torch.arange(3))
+    assert not post.has_density and post.gaussian() is None and post.sample(4).shape == (4, 3, d)
+    assert NLLSettings.preset("standard").resolve(post.has_density) == "ais"
 
 
 # ----- latent-space callbacks -------------------------------------------------------------------
@@ -333,7 +342,7 @@ def test_latent_map_is_written_for_a_2d_model_and_refused_otherwise(tmp_path: Pa
     dm = DigitsDataModule(batch_size=100, val_size=0, train_subset=200, binarize="static")
     model = ALMOND(data_dim=dm.data_dim, latent_dim=2, image_shape=dm.image_shape,
                    net={"kind": "mlp", "hidden_dims": [32]},
-                   n_chains=2, langevin_steps=2, step_size=0.01)
+                   n_chains=2, sampler=ULA(0.01, 2))
     latent_map = LatentMap(str(tmp_path), grid_size=5)
     trainer = quiet_trainer(max_epochs=1, limit_test_batches=0, callbacks=[latent_map])
     trainer.fit(model, dm)
@@ -370,7 +379,7 @@ def test_normal_means_experiments_run_end_to_end(tmp_path: Path, experiment: str
     """The shipped configs, shortened: train, test, and report test/ks, test/w1 next to test/nll."""
     from latentlab.train import train
 
-    cfg = _compose(f"experiment={experiment}", "trainer.max_epochs=3", "logger=csv", "model.eval.k=20",
+    cfg = _compose(f"experiment={experiment}", "trainer.max_epochs=3", "logger=csv", "eval.nll.k=20", "eval.val_nll.k=20",
                    *(["model.vae_epochs=1", "model.n_chains=5"] if method == "almond" else []))
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)

@@ -21,7 +21,7 @@ from latentlab.train import preflight, train
 
 QUIET = ["logger=none", "callbacks.progress_bar=null", "callbacks.model_summary=null", "callbacks.image_grid=null",
          "+trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
-TINY = ["trainer.max_epochs=1", "model.eval.k=5", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
+TINY = ["trainer.max_epochs=1", "eval.nll.k=5", "eval.val_nll.k=5", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
         "+trainer.limit_test_batches=1"]
 
 
@@ -52,8 +52,8 @@ BAD_CONFIGS: list[tuple[list[str], type[LatentlabError], str]] = [
     (["model.optimizer._target_=torch.optim.Adamm"], ConfigError, r"model.optimizer._target_='torch.optim.Adamm' cannot be imported"),
     (["model.likelihood.kind=poisson"], ConfigError, r"model.likelihood.kind must be 'bernoulli' or 'gaussian'"),
     (["model.likelihood.variance=big"], ConfigError, r"model.likelihood.variance must be a number"),
-    (["+model.eval.kk=3"], ConfigError, r"model.eval.kk is not a setting of EvalSpec; allowed: .*\bk\b"),
-    (["model.eval.estimator=exact"], ConfigError, r"model.eval.estimator must be one of auto\|is\|ais"),
+    (["+eval.nll.kk=3"], ConfigError, r"eval.nll.kk is not a setting of NLLSettings; allowed: .*\bk\b"),
+    (["eval.nll.estimator=exact"], ConfigError, r"eval.nll.estimator must be one of auto\|is\|ais"),
     (["net.hidden_dims=[a,b]"], ConfigError, r"net.hidden_dims\[0\] must be an integer, got 'a'"),
     (["net.kind=transformer"], ConfigError, r"net.kind must be one of"),
     (["data.batch_size=0"], ConfigError, r"data.batch_size must be an integer >= 1, got 0"),

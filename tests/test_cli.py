@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-FAST = ["trainer.max_epochs=1", "model.eval.k=5", "callbacks.image_grid.n=16", "+trainer.limit_train_batches=5",
+FAST = ["trainer.max_epochs=1", "eval.nll.k=5", "eval.val_nll.k=5", "callbacks.image_grid.n=16", "+trainer.limit_train_batches=5",
         "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2"]
 
 
@@ -135,3 +135,101 @@ def test_every_shipped_experiment_builds_its_data_and_model(experiment: str, sha
     resolve_paths(cfg)
     model = build_model(cfg, build_datamodule(cfg))
     assert model.latent_dim == cfg.model.latent_dim and cfg.trainer.max_epochs >= 1
+
+
+# ----- one error path, nothing half-made ------------------------------------------------------------
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("latentlab: error:")]
+
+
+def test_a_refused_command_leaves_no_run_directory(tmp_path: Path) -> None:
+    """A value only the data module's constructor can refuse (after Hydra made the run directory): one line,
+    exit 2, and neither the named run directory nor a timestamped one under outputs/ is left behind."""
+    proc, out = train(tmp_path, "data.binarize=dynamc")
+    assert proc.returncode == 2 and len(error_lines(proc.stderr)) == 1, proc.stderr[-2000:]
+    assert "data.binarize must be one of" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+    proc = run("latentlab.train", "data.binarize=dynamc", cwd=tmp_path)  # Hydra's own timestamped directory
+    assert proc.returncode == 2
+    assert not list((tmp_path / "outputs").glob("*/runs/*"))
+
+
+def test_a_run_failing_after_it_started_keeps_its_directory_marked_failed(tmp_path: Path) -> None:
+    target = "latentlab.callbacks.faults.FaultInjector"
+    proc, out = train(tmp_path, *FAST, f"+callbacks.inject._target_={target}", "+callbacks.inject.component=decoder",
+                      "+callbacks.inject.at_step=2", "+callbacks.inject.kind=param")
+    assert proc.returncode == 2 and len(error_lines(proc.stderr)) == 1, proc.stderr[-2000:]
+    assert (out / "FAILED").read_text().startswith("latentlab: error: non-finite")
+    assert not (out / "metrics.json").exists()
+
+
+def test_a_failing_job_of_a_multirun_is_reported_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    proc = run("latentlab.train", "-m", "data.binarize=dynamc,none", *FAST, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert len(error_lines(proc.stderr)) == 1 and "data.binarize must be one of" in proc.stderr, proc.stderr[-2000:]
+    assert (sweep / "0" / "FAILED").is_file() and (sweep / "1" / "metrics.json").is_file()
+
+
+def test_console_shows_each_lightning_message_once_and_no_noise_from_latentlab(tmp_path: Path) -> None:
+    proc, _ = train(tmp_path, *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    console = proc.stdout + proc.stderr
+    assert console.count("Seed set to 12345") == 1, console[-3000:]
+    for noise in ("Trainer already configured with model summary", "💡 Tip", "is deprecated"):
+        assert noise not in console, noise
+
+
+# ----- resume from the run directory alone ----------------------------------------------------------
+def fake_run(root: Path, name: str, target: str, overrides: list[str], mtime: float) -> Path:
+    run_dir = root / name
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"model": {"_target_": target}}))
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    ckpt.write_bytes(b"")
+    os.utime(ckpt, (mtime, mtime))
+    return run_dir
+
+
+def test_resume_plan_rebuilds_the_runs_overrides_and_picks_the_newest_run_of_the_method(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from latentlab.resume import plan_relaunch
+
+    runs = tmp_path / "outputs" / "train" / "runs"
+    almond = fake_run(runs, "a", "latentlab.models.ALMOND", ["model=almond", "trainer.max_epochs=2"], 100.0)
+    fake_run(runs, "b", "latentlab.models.VAE", ["model.latent_dim=4"], 200.0)
+    said: list[str] = []
+
+    def compose(overrides: list[str]) -> object:
+        target = "latentlab.models.ALMOND" if "model=almond" in overrides else "latentlab.models.VAE"
+        return OmegaConf.create({"hydra": {"run": {"dir": str(runs / "new")}}, "model": {"_target_": target}})
+
+    # from the run directory: its overrides, the ones given now on top, the record beside the original
+    plan = plan_relaunch([f"hydra.run.dir={almond}", "ckpt_path=last", "trainer.max_epochs=3"], compose, said.append)
+    assert plan == ["model=almond", f"hydra.run.dir={almond}", "ckpt_path=last", "trainer.max_epochs=3",
+                    "hydra.output_subdir=.hydra/resume-1"]
+    (almond / ".hydra" / "resume-1").mkdir()
+    assert plan_relaunch([f"hydra.run.dir={almond}", "ckpt_path=last"], compose, said.append)[-1] == \
+        "hydra.output_subdir=.hydra/resume-2"
+    # ckpt_path=last alone: the newest run of the method the command builds, named; ambiguity said
+    plan = plan_relaunch(["ckpt_path=last", "model=almond"], compose, said.append)
+    assert f"hydra.run.dir={almond}" in plan and "model=almond" in plan and str(almond) in said[-1]
+    plan = plan_relaunch(["ckpt_path=last"], compose, said.append)
+    assert f"hydra.run.dir={runs / 'b'}" in plan and "model.latent_dim=4" in plan
+    said.clear()
+    os.utime(almond / "checkpoints" / "last.ckpt", (300.0, 300.0))
+    plan_relaunch(["ckpt_path=last"], compose, said.append)
+    assert "ambiguous" in said[-1] and "model=almond" in said[-1]
+
+
+def test_a_failing_job_of_an_eval_multirun_is_reported_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    proc, out = train(tmp_path, *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = tmp_path / "eval-sweep"
+    good, missing = out / "checkpoints" / "last.ckpt", tmp_path / "nothing.ckpt"
+    proc = run("latentlab.evaluate", "-m", f"ckpt_path={missing},{good}", "eval.k=5", f"hydra.sweep.dir={sweep}",
+               cwd=tmp_path)
+    assert len(error_lines(proc.stderr)) == 1 and "nothing.ckpt" in error_lines(proc.stderr)[0], proc.stderr[-2000:]
+    assert (sweep / "0" / "FAILED").is_file() and (sweep / "1" / "metrics.json").is_file()

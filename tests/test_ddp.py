@@ -36,11 +36,11 @@ COMMON = ["data=digits", "data.test_subset=100", "trainer.max_epochs=1", f"+trai
           "trainer.num_sanity_val_steps=0", "logger=none", "callbacks.image_grid=null", "callbacks.progress_bar=null",
           "seed=7"]
 METHODS = {
-    "vae": ["model=vae", "model.eval.k=20"],
-    "avb": ["model=avb", "model.eval.ais_steps=10", "model.eval.ais_chains=2", "model.eval.ais_leapfrog=2"],
+    "vae": ["model=vae", "eval.nll.k=20", "eval.val_nll.k=20"],
+    "avb": ["model=avb", "eval.nll.ais_steps=10", "eval.val_nll.ais_steps=10", "eval.nll.ais_chains=2", "eval.val_nll.ais_chains=2", "eval.nll.ais_leapfrog=2", "eval.val_nll.ais_leapfrog=2"],
     # one warm-up epoch would leave no Langevin step in a 1-epoch run: start in the Langevin phase
     "almond": ["model=almond", "model.n_chains=4", "model.langevin_steps=3", "model.eval_chains=4",
-               "model.eval_langevin_steps=5", "model.eval.k=20"],
+               "model.eval_langevin_steps=5", "eval.nll.k=20", "eval.val_nll.k=20"],
 }
 
 
@@ -101,3 +101,30 @@ def test_two_cpu_processes_match_one(tmp_path: Path, method: str) -> None:
     assert math.isfinite(ddp["train/loss"])
     if method == "avb":
         assert 0.0 <= ddp["val/disc_acc"] <= 1.0
+
+
+def test_nan_on_one_rank_stops_every_rank_with_one_message(tmp_path: Path) -> None:
+    """A NaN in rank 1's encoder output only (step 2): both processes stop at that step, well within the
+    bound (instead of rank 0 waiting in the gradient all-reduce), with one `latentlab: error:` line naming
+    the rank, exit status 2, and the run directory marked FAILED."""
+    import time
+
+    from latentlab.callbacks.faults import FaultInjector
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+    target = f"{FaultInjector.__module__}.{FaultInjector.__name__}"
+    cmd = [sys.executable, "-m", "latentlab.train", *COMMON, *METHODS["vae"], "trainer=ddp", "trainer.devices=2",
+           "+trainer.limit_val_batches=1", "test=false", f"+callbacks.inject._target_={target}",
+           "+callbacks.inject.component=encoder", "+callbacks.inject.at_step=2", "+callbacks.inject.kind=output",
+           "+callbacks.inject.rank=1", f"hydra.run.dir={out}"]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
+                          stdin=subprocess.DEVNULL)
+    elapsed = time.monotonic() - start
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("latentlab: error:")]
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert len(errors) == 1 and "non-finite loss at training step 2" in errors[0] and "on rank 1 of 2" in errors[0], \
+        proc.stderr[-4000:]
+    assert elapsed < 180, elapsed  # start-up of two processes included; a hang would run into the timeout
+    assert "non-finite loss" in (out / "FAILED").read_text()

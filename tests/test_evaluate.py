@@ -16,10 +16,11 @@ from omegaconf import DictConfig, open_dict
 from latentlab.errors import ConfigError
 from latentlab.evaluate import evaluate
 
-TRAIN_FAST = ["trainer.max_epochs=1", "model.eval.k=5", "callbacks.image_grid.n=16", "+trainer.limit_train_batches=5",
+TRAIN_FAST = ["trainer.max_epochs=1", "eval.nll.k=5", "eval.val_nll.k=5", "callbacks.image_grid.n=16", "+trainer.limit_train_batches=5",
               "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1", "logger=none"]
 # every analysis on, each as small as still means something
-EVAL_SMALL = ["eval.nll=ais", "eval.ais_steps=10", "eval.ais_chains=2", "eval.ais_leapfrog=2", "eval.max_batches=1",
+EVAL_SMALL = ["eval/nll=fast", "eval.nll.estimator=ais", "eval.nll.ais_steps=10", "eval.nll.ais_chains=2",
+              "eval.nll.ais_leapfrog=2", "eval.nll.max_batches=1",
               "eval.samples=150", "eval.gaps=6", "eval.bdmc=6", "eval.posterior_plots=2", "eval.posterior_draws=50",
               "eval.grid.resolution=41", "eval.gap.elbo_k=50", "eval.gap.local_steps=10", "eval.gap.local_eval_k=50",
               "eval.quality.classifier.min_steps=150", "eval.quality.metric.kid_subsets=10", "eval.quality.metric.is_splits=2"]
@@ -65,7 +66,11 @@ def test_multirun_eval_of_two_checkpoints_with_every_analysis(tmp_path: Path) ->
         assert 0.0 <= metrics["test/precision"] <= 1.0 and 0.0 <= metrics["test/recall"] <= 1.0
         assert metrics["test/classifier_acc"] > 0.5  # 10 classes: far above chance, or the FID is meaningless
         assert metrics["test/fid"] >= 0.0 and metrics["test/is_mean"] >= 1.0  # IS = exp(KL) >= 1
-        assert "test/nll" in (sweep / job / "metrics.md").read_text()
+        md = (sweep / job / "metrics.md").read_text()
+        assert "test/nll" in md and md.index("## Likelihood") < md.index("## Bounds and gaps") < md.index("## Sample quality")
+        # every result says how it was obtained: estimator, budget, convergence diagnostic
+        assert metrics["test/nll_estimator"] == "ais" and metrics["test/nll_budget"].startswith("ais 10x2 L=2")
+        assert "test/nll_half_gap" in metrics and "half budget minus full budget" in md
         assert (sweep / job / "samples.png").is_file()
         # W&B offline: one finished run per job, with the pictures as images
         runs = list((sweep / job / "wandb").glob("offline-run-*"))
@@ -129,3 +134,14 @@ def test_bad_eval_settings_are_refused_before_the_checkpoint_is_read(tmp_path: P
     with pytest.raises(ConfigError, match=message):
         evaluate(cfg)
     assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_a_checkpoint_from_before_the_eval_group_loses_its_model_eval_block() -> None:
+    """Old checkpoints carry `model.eval` (EvalSpec) in their config and hyper-parameters; no constructor takes
+    it now, so loading drops it and the evaluator's `eval.nll` decides the budget."""
+    from latentlab.checkpoint_loading import drop_old_eval_block
+
+    ckpt = {"latentlab": {"method": "vae", "config": {"model": {"latent_dim": 2, "eval": {"k": 100}}}},
+            "hyper_parameters": {"latent_dim": 2, "eval": {"k": 100}}}
+    drop_old_eval_block(ckpt)
+    assert ckpt["latentlab"]["config"]["model"] == {"latent_dim": 2} and ckpt["hyper_parameters"] == {"latent_dim": 2}

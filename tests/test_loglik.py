@@ -17,18 +17,19 @@ from torch.distributions import Distribution, Independent, Laplace, Multivariate
 from latentlab.analytic import LinearGaussian
 from latentlab.errors import ConfigError, NumericalError
 from latentlab.generative import GenerativeModel
-from latentlab.metrics import (
+from latentlab.estimators import (
     AnnealedImportanceSampling,
-    ImportanceSampling,
-    LogLikelihood,
-    ais_log_likelihood,
+    NLLSettings,
     annealing_schedule,
     bdmc,
-    fit_gaussian_proposal,
-    importance_sampling_log_likelihood,
+    importance_sampling,
     log_mean_exp,
-    sample_proposal,
+    moment_fit,
+    standard_normal,
 )
+from latentlab.estimators import sample_distribution as sample_proposal
+from latentlab.metrics import LogLikelihood
+from latentlab.posterior import GaussianPosterior, ImplicitPosterior, Posterior
 from latentlab.samplers.hmc import HMC
 
 N_SE = 4.0  # a correct estimator fails a 4-standard-error check with probability ~6e-5
@@ -57,10 +58,29 @@ def posterior(lg: LinearGaussian, x: Tensor) -> MultivariateNormal:
     return MultivariateNormal(mean, covariance_matrix=cov.expand(x.shape[0], d, d))
 
 
-def reported_se(diagnostics: dict[str, Tensor]) -> float:
+class DistributionPosterior(Posterior):
+    """Any torch Distribution with batch_shape (batch,) as a posterior with a density (the tests' proposals)."""
+
+    has_density = True
+
+    def __init__(self, dist: Distribution) -> None:
+        self.dist = dist
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        return sample_proposal(self.dist, n, generator)
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        return self.dist.log_prob(z)
+
+
+def reported_se(result) -> float:
     """Standard error of the mean over examples from the estimator's own per-example errors."""
-    se = diagnostics["log_px_se"]
+    se = result["log_px_se"] if isinstance(result, dict) else result.log_px_se
     return float(se.pow(2).sum().sqrt() / se.numel())
+
+
+def ais(n_steps: int, n_chains: int, leapfrog_steps: int = 10, **kw) -> AnnealedImportanceSampling:
+    return AnnealedImportanceSampling(n_steps, n_chains, leapfrog_steps, **kw)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -108,7 +128,7 @@ def test_is_with_exact_posterior_is_exact(setup) -> None:
     lg, model, x, truth = setup
     # p(x, z) / p(z | x) = p(x) for every z: zero-variance weights, any k gives log p(x).
     with torch.no_grad():
-        est = importance_sampling_log_likelihood(model.log_joint, posterior(lg, x), x, k=3, chunk_size=2)
+        est = importance_sampling(model.log_joint, x, DistributionPosterior(posterior(lg, x)), k=3, chunk_size=2).log_px
     assert torch.allclose(est, truth, rtol=0, atol=1e-10)
     assert all(p.grad is None for p in model.parameters())
 
@@ -116,11 +136,15 @@ def test_is_with_exact_posterior_is_exact(setup) -> None:
 def test_is_with_prior_is_within_its_reported_se(setup) -> None:
     _, model, x, truth = setup
     g = torch.Generator().manual_seed(2)
-    est, diag = ImportanceSampling(k=4000, chunk_size=1000)(model.log_joint, x, generator=g, return_diagnostics=True)
+    diag = importance_sampling(model.log_joint, x, DistributionPosterior(standard_normal(N, d, x)), k=4000,
+                               chunk_size=1000, generator=g)
+    est = diag.log_px
     se = reported_se(diag)
     assert 0 < se < 0.05  # precise enough for the check below to mean something
     assert abs(float(est.mean() - truth.mean())) < N_SE * se
-    assert (diag["ess"] > 1).all() and (diag["ess"] <= 4000 + 1e-6).all()
+    assert (diag.ess > 1).all() and (diag.ess <= 4000 + 1e-6).all()
+    # the half-budget estimate (the convergence diagnostic) is the first 2000 draws' estimate: also close
+    assert abs(float(diag.log_px_half.mean() - truth.mean())) < N_SE * se * math.sqrt(2) + 0.01
 
 
 def test_is_is_a_lower_bound_that_tightens_with_k(setup) -> None:
@@ -129,7 +153,8 @@ def test_is_is_a_lower_bound_that_tightens_with_k(setup) -> None:
     g = torch.Generator().manual_seed(4)
     gaps = {}
     for k in (1, 10, 100, 1000):
-        est = importance_sampling_log_likelihood(model.log_joint, None, xr, k=k, chunk_size=500, latent_dim=d, generator=g)
+        prior = DistributionPosterior(standard_normal(xr.shape[0], d, xr))
+        est = importance_sampling(model.log_joint, xr, prior, k=k, chunk_size=500, generator=g).log_px
         gap = tr - est
         gaps[k] = (float(gap.mean()), float(gap.std() / math.sqrt(gap.numel())))
     # k = 1 with the prior: E[log p(x | z)] = log p(x) - KL(p(z) || p(z | x)) in closed form
@@ -140,24 +165,18 @@ def test_is_is_a_lower_bound_that_tightens_with_k(setup) -> None:
     assert gaps[1000][0] > -N_SE * gaps[1000][1]  # a lower bound in expectation
 
 
-class _Replay(Distribution):
+class _Replay(DistributionPosterior):
     """A proposal that hands out pre-drawn samples in order, so chunked and unchunked IS see the
     same random numbers whatever the chunk size."""
 
-    arg_constraints: dict = {}
-
     def __init__(self, samples: Tensor, base: Distribution) -> None:
-        self.samples, self.base, self.pos = samples, base, 0
-        super().__init__(base.batch_shape, base.event_shape, validate_args=False)
+        super().__init__(base)
+        self.samples, self.pos = samples, 0
 
-    def sample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
-        n = sample_shape[0]
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         out = self.samples[self.pos : self.pos + n]
         self.pos += n
         return out
-
-    def log_prob(self, value: Tensor) -> Tensor:
-        return self.base.log_prob(value)
 
 
 def test_chunked_is_equals_unchunked_with_the_same_random_numbers(setup) -> None:
@@ -166,28 +185,35 @@ def test_chunked_is_equals_unchunked_with_the_same_random_numbers(setup) -> None
     z = sample_proposal(base, 103, torch.Generator().manual_seed(5))
     direct = log_mean_exp(model.log_joint(x, z) - base.log_prob(z), 0)
     for chunk in (103, 10, 1):
-        est = importance_sampling_log_likelihood(model.log_joint, _Replay(z, base), x, k=103, chunk_size=chunk)
-        assert torch.allclose(est, direct, rtol=0, atol=1e-12)
+        result = importance_sampling(model.log_joint, x, _Replay(z, base), k=103, chunk_size=chunk)
+        assert torch.allclose(result.log_px, direct, rtol=0, atol=1e-12)
+        # the half-budget estimate is the first 51 draws', whatever the chunking
+        assert torch.allclose(result.log_px_half, log_mean_exp(model.log_joint(x, z[:51]) - base.log_prob(z[:51]), 0),
+                              rtol=0, atol=1e-12)
 
 
 def test_fitted_gaussian_proposal_from_posterior_samples(setup) -> None:
     lg, model, x, truth = setup
     g = torch.Generator().manual_seed(6)
-    q = fit_gaussian_proposal(sample_proposal(posterior(lg, x), 200, g))
-    est, diag = importance_sampling_log_likelihood(model.log_joint, q, x, k=500, generator=g, return_diagnostics=True)
-    assert (diag["ess"] > 100).all()  # a good proposal: most of the 500 samples count
+    mean, log_var = moment_fit(sample_proposal(posterior(lg, x), 200, g))
+    q = GaussianPosterior(mean, log_var + 2 * math.log(1.2))  # a proposal wider than the fit, as IS wants
+    diag = importance_sampling(model.log_joint, x, q, k=500, generator=g)
+    est = diag.log_px
+    assert (diag.ess > 100).all()  # a good proposal: most of the 500 samples count
     assert abs(float(est.mean() - truth.mean())) < N_SE * reported_se(diag)
 
 
 def test_bad_inputs_name_the_problem(setup) -> None:
     _, model, x, _ = setup
-    wrong = Independent(Normal(torch.zeros(N + 1, d), torch.ones(N + 1, d)), 1)
-    with pytest.raises(ConfigError, match="batch_shape"):
-        importance_sampling_log_likelihood(model.log_joint, wrong, x, k=2)
-    with pytest.raises(ConfigError, match="latent_dim"):
-        importance_sampling_log_likelihood(lambda x, z: model.log_joint(x, z), None, x, k=2)
+    no_density = ImplicitPosterior(lambda n, g: torch.zeros(n, N, d, dtype=x.dtype))
+    with pytest.raises(ConfigError, match="density"):
+        importance_sampling(model.log_joint, x, no_density, k=2)
+    with pytest.raises(ConfigError, match="needs a posterior with a density"):
+        NLLSettings.coerce({"name": "fast", "estimator": "is"}).resolve(has_density=False)
+    with pytest.raises(ConfigError, match="k >= 1"):
+        importance_sampling(model.log_joint, x, DistributionPosterior(standard_normal(N, d, x)), k=0)
     with pytest.raises(ConfigError, match="n_chains"):
-        AnnealedImportanceSampling(n_chains=0)
+        ais(n_steps=10, n_chains=0)
 
 
 # --------------------------------------------------------------------------- HMC
@@ -215,11 +241,11 @@ def test_hmc_samples_the_posterior_and_leaves_parameters_alone(setup) -> None:
 def test_ais_started_at_the_posterior_is_exact(setup) -> None:
     lg, model, x, truth = setup
     # q0 = p(z|x) makes every f_t = p(x)^b_t p(z|x): each increment is (b_t - b_{t-1}) log p(x).
-    est, diag = ais_log_likelihood(model.log_joint, x, n_steps=7, n_chains=3, init=posterior(lg, x), leapfrog_steps=2)
+    est, diag = ais(7, 3, leapfrog_steps=2)(model.log_joint, x, posterior(lg, x), return_diagnostics=True)
     assert torch.allclose(est, truth, rtol=0, atol=1e-10)
     assert diag["log_weights"].shape == (3, N) and diag["z"].shape == (3, N, d)
-    _, nothing = ais_log_likelihood(model.log_joint, x, n_steps=2, n_chains=1, return_diagnostics=False)
-    assert nothing == {}
+    plain = ais(2, 1)(model.log_joint, x, standard_normal(N, d, x))
+    assert isinstance(plain, Tensor) and plain.shape == (N,)
 
 
 def test_ais_is_within_its_reported_se_and_adapts_to_the_target(setup) -> None:
@@ -227,8 +253,8 @@ def test_ais_is_within_its_reported_se_and_adapts_to_the_target(setup) -> None:
     g = torch.Generator().manual_seed(8)
     # many chains make the reported SE ~0.005 nats, small enough to expose the upward bias that
     # weights taken after the transition, or step sizes adapted on the chains themselves, cause
-    ais = AnnealedImportanceSampling(n_steps=100, n_chains=256, leapfrog_steps=5, target_accept=0.65)
-    est, diag = ais(model.log_joint, x, generator=g, return_diagnostics=True)
+    runner = ais(n_steps=100, n_chains=256, leapfrog_steps=5, target_accept=0.65)
+    est, diag = runner(model.log_joint, x, standard_normal(N, d, x), generator=g, return_diagnostics=True)
     se = reported_se(diag)
     assert 0 < se < 0.02
     assert abs(float(est.mean() - truth.mean())) < N_SE * se
@@ -245,7 +271,8 @@ def test_ais_tightens_with_more_steps(setup) -> None:
     xr, tr = x.repeat(16, 1), truth.repeat(16)
     g = torch.Generator().manual_seed(9)
     steps = (4, 20, 100)
-    est = {t: ais_log_likelihood(model.log_joint, xr, n_steps=t, n_chains=1, leapfrog_steps=3, generator=g)[0] for t in steps}
+    prior = standard_normal(xr.shape[0], d, xr)
+    est = {t: ais(t, 1, leapfrog_steps=3)(model.log_joint, xr, prior, generator=g) for t in steps}
     for short, long in zip(steps, steps[1:]):
         diff = est[long] - est[short]
         assert float(diff.mean()) > N_SE * float(diff.std()) / math.sqrt(diff.numel()), (short, long)
@@ -261,8 +288,7 @@ def test_bdmc_sandwiches_the_truth_and_the_gap_shrinks(setup) -> None:
     g = torch.Generator().manual_seed(10)
     results = {}
     for steps in (10, 100):
-        ais = AnnealedImportanceSampling(n_steps=steps, n_chains=1, leapfrog_steps=5)
-        r = bdmc(model.log_joint, lambda n, gen: lg.sample(n, gen), 32, ais=ais, generator=g)
+        r = bdmc(model.log_joint, lambda n, gen: lg.sample(n, gen), 32, ais=ais(steps, 1, leapfrog_steps=5), generator=g)
         truth = lg.log_marginal(r.x)
         for bound, sign in ((r.log_px_lower, 1.0), (r.log_px_upper, -1.0)):
             excess = sign * (bound - truth)  # > 0 would violate the bound
@@ -275,8 +301,7 @@ def test_bdmc_sandwiches_the_truth_and_the_gap_shrinks(setup) -> None:
 
 def test_bdmc_accepts_a_generative_model(setup) -> None:
     _, model, _, _ = setup
-    ais = AnnealedImportanceSampling(n_steps=5, n_chains=2, leapfrog_steps=2)
-    r = bdmc(model.log_joint, model, 4, ais=ais, generator=torch.Generator().manual_seed(11))
+    r = bdmc(model.log_joint, model, 4, ais=ais(5, 2, leapfrog_steps=2), generator=torch.Generator().manual_seed(11))
     assert r.x.shape == (4, D) and r.log_px_upper.shape == (4,)
     assert set(r.as_dict()) == {f"bdmc/{k}" for k in ("lower", "upper", "gap", "lower_se", "upper_se", "gap_se")}
 
@@ -306,11 +331,25 @@ def test_loglikelihood_metric_matches_direct_mean_and_se() -> None:
 CONF = Path(__file__).resolve().parents[1] / "conf" / "eval" / "nll"
 
 
-@pytest.mark.parametrize(
-    ("name", "cls"), [("is", ImportanceSampling), ("ais", AnnealedImportanceSampling), ("ais_fast", AnnealedImportanceSampling)]
-)
-def test_estimator_configs_instantiate(name: str, cls: type) -> None:
-    estimator = instantiate(OmegaConf.load(CONF / f"{name}.yaml"))
-    assert isinstance(estimator, cls)
-    if name == "ais":  # the AVB paper's evaluation setting
-        assert (estimator.n_steps, estimator.n_chains) == (2000, 8)
+@pytest.mark.parametrize("name", ["fast", "standard", "paper"])
+def test_estimator_configs_instantiate(name: str) -> None:
+    settings = instantiate(OmegaConf.load(CONF / f"{name}.yaml"))
+    assert isinstance(settings, NLLSettings) and settings.name == name
+    assert settings == NLLSettings.preset(name)  # the same numbers without Hydra
+    if name == "paper":  # the papers' budget: IS k=5000 (Burda et al.), AIS 2000 x 8 (the AVB paper)
+        assert (settings.k, settings.ais_steps, settings.ais_chains) == (5000, 2000, 8)
+
+
+def test_each_budget_default_exists_once() -> None:
+    """The budgets live only in conf/eval/nll/*.yaml: the settings class and the AIS runner have no defaults
+    for them, and a partial mapping is a change to a named preset."""
+    budget = ("name", "estimator", "k", "chunk_size", "ais_steps", "ais_chains", "ais_leapfrog")
+    for cls, keys in ((NLLSettings, budget), (AnnealedImportanceSampling, ("n_steps", "n_chains", "leapfrog_steps"))):
+        fields = cls.__dataclass_fields__
+        assert all(fields[k].default is fields[k].default_factory for k in keys), cls  # both MISSING
+    changed = NLLSettings.coerce({"name": "paper", "k": 7})
+    assert changed.k == 7 and changed.ais_steps == NLLSettings.preset("paper").ais_steps
+    with pytest.raises(ConfigError, match="eval.nll.kk is not a setting of NLLSettings"):
+        NLLSettings.coerce({"kk": 3})
+    with pytest.raises(ConfigError, match="fast|standard|paper"):
+        NLLSettings.coerce("huge")

@@ -13,8 +13,9 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
-def test_the_three_notebooks_exist() -> None:
-    assert [p.stem for p in NOTEBOOKS] == ["01_quickstart", "02_posteriors", "03_compare_runs"]
+def test_the_notebooks_exist() -> None:
+    assert [p.stem for p in NOTEBOOKS] == ["01_quickstart", "02_posteriors", "03_compare_runs",
+                                           "04_scores_and_inverse_problems"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -47,3 +48,5 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     if path.stem == "03_compare_runs":
         assert (tmp_path / "out" / "03_compare_runs" / "sweep" / "sweep_summary.md").is_file()
         assert text.count("test/nll =") == 4
+    if path.stem == "04_scores_and_inverse_problems":
+        assert "relative score error" in text and "inpaint/mse" in text and len(figures) >= 3

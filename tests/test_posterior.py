@@ -1,4 +1,4 @@
-"""Posterior-quality diagnostics (latentlab.metrics.posterior), the evaluator hooks of the base model,
+"""Posterior-quality diagnostics (latentlab.metrics.posterior) through the posterior contract alone,
 and the comparison table (latentlab.compare), on linear-Gaussian models where log p(x), p(z|x) and
 every gap have closed forms."""
 
@@ -6,30 +6,31 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 from torch import Tensor
-from torch.distributions import Independent, MultivariateNormal, Normal, kl_divergence
+from torch.distributions import Independent, MultivariateNormal, kl_divergence
 
 from latentlab.analytic import LinearGaussian
 from latentlab.compare import comparison_table, find_runs, write_comparison
 from latentlab.compare import main as compare_main
 from latentlab.errors import ConfigError
-from latentlab.metrics import AnnealedImportanceSampling, gaussian_elbo, gaussian_log_weights, inference_gaps
+from latentlab.estimators import (AnnealedImportanceSampling, GapSettings, NLLSettings, ais_start, estimate_log_px,
+                                  gaussian_elbo, gaussian_log_weights, inference_gaps, moment_fit)
+from latentlab.generative import GenerativeModel
 from latentlab.metrics.posterior import (
-    GapSettings,
     InferenceGap,
     bdmc_metrics,
-    fitted_gaussian,
-    fitted_gaussian_elbo,
     inference_gap_metrics,
     plot_posterior_pictures,
     posterior_pictures,
     zoomed_posteriors,
 )
-from latentlab.models import ALMOND, VAE, EvalSpec, LatentVariableModel
+from latentlab.posterior import GaussianPosterior, Posterior, SamplePosterior
 
 N_SE = 4.0
 D, S2 = 6, 0.5
@@ -51,29 +52,55 @@ def kl_to_posterior(lg: LinearGaussian, x: Tensor, mu: Tensor, log_var: Tensor) 
     return kl_divergence(q, MultivariateNormal(mean, covariance_matrix=cov.expand(x.shape[0], *cov.shape)))
 
 
-class LinearGaussianMethod(LatentVariableModel):
-    """A 'method' around an exact linear-Gaussian p(x, z): its proposal is the exact posterior (so AIS
-    started there is exact), its amortized Gaussian is deliberately wrong by `shift` / `log_var_offset`."""
+class LinearGaussianPosterior(Posterior):
+    """The contract around an exact linear-Gaussian p(z|x): its AIS start (`fitted_gaussian`) is the exact
+    (diagonal) posterior, so AIS started there is exact; its amortized Gaussian is deliberately wrong by
+    `shift` / `log_var_offset`, and its bound is that Gaussian's ELBO. Draws come from the exact posterior."""
+
+    has_density = False
+
+    def __init__(self, method: "LinearGaussianMethod", x: Tensor) -> None:
+        self.x = x
+        mean, cov = method.lg.posterior(x)
+        self.exact = (mean, cov.diagonal().log().expand_as(mean))
+        self.wrong = (mean + method.shift, self.exact[1] + method.log_var_offset)
+        self.log_joint = partial(method.model.log_joint, x)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        return GaussianPosterior(*self.exact).sample(n, generator)
+
+    def gaussian(self) -> tuple[Tensor, Tensor] | None:
+        return self.wrong
+
+    def fitted_gaussian(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        return self.exact
+
+    def bound(self, k: int, generator: torch.Generator | None = None) -> Tensor | None:
+        return gaussian_elbo(self.log_joint, *self.wrong, k, generator)
+
+
+class LinearGaussianMethod:
+    """A 'method' around an exact linear-Gaussian p(x, z): all the evaluator needs is `model` and `posterior`."""
 
     method = "lg"
 
-    def __init__(self, lg: LinearGaussian, shift: float = 0.7, log_var_offset: float = 1.0, **eval_spec) -> None:
-        super().__init__(lg.data_dim, lg.latent_dim, eval={"ais_init": "posterior", "ais_steps": 3, **eval_spec})
+    def __init__(self, lg: LinearGaussian, shift: float = 0.7, log_var_offset: float = 1.0) -> None:
         self.lg, self.shift, self.log_var_offset = lg, shift, log_var_offset
         model = lg.to_model().double()
         model.likelihood.log_var.fill_(math.log(lg.s2))
-        self.model = model
+        self.model: GenerativeModel = model
 
-    def proposal(self, x: Tensor, index: Tensor | None = None) -> Independent:
-        mean, cov = self.lg.posterior(x)
-        return Independent(Normal(mean, cov.diagonal().sqrt().expand_as(mean)), 1)
+    def posterior(self, x: Tensor, index: Tensor | None = None) -> Posterior:
+        return LinearGaussianPosterior(self, x)
 
-    def amortized_gaussian(self, x: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        mean, cov = self.lg.posterior(x)
-        return mean + self.shift, cov.diagonal().log().expand_as(mean) + self.log_var_offset
+    def amortized_gaussian(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.posterior(x).gaussian()  # type: ignore[return-value]
 
 
-def elbo_se(module: LatentVariableModel, x: Tensor, k: int, seed: int) -> float:
+AIS3 = replace(NLLSettings.preset("fast"), estimator="ais", ais_steps=3, ais_start="posterior")
+
+
+def elbo_se(module: LinearGaussianMethod, x: Tensor, k: int, seed: int) -> float:
     """Standard error of the mean over examples of a k-sample ELBO estimate of the amortized Gaussian."""
     mu, log_var = module.amortized_gaussian(x)
     log_w = gaussian_log_weights(module.model.log_joint, x, mu, log_var, k, torch.Generator().manual_seed(seed))
@@ -88,14 +115,15 @@ def test_inference_gap_pipeline_matches_the_closed_form_kl() -> None:
     module = LinearGaussianMethod(lg)
     x, _ = lg.sample(24, generator=torch.Generator().manual_seed(1))
     # AIS started at the exact posterior has constant weights: log p(x) to rounding, whatever the steps
-    log_px = module.log_px(x, estimator="ais", generator=torch.Generator().manual_seed(2))
+    log_px = estimate_log_px(module.model, x, module.posterior(x), AIS3, torch.Generator().manual_seed(2)).log_px
     assert torch.allclose(log_px, lg.log_marginal(x), rtol=0, atol=1e-8)
 
-    # max_elements: elbo_estimate is asked for 7 examples at a time (2000 x 7 x 6 elements), across batch ends
+    # max_elements: the bound is asked for 7 examples at a time (2000 x 7 x 6 elements), across batch ends
     settings = GapSettings(elbo_k=2000, local_steps=300, local_lr=0.05, local_k=8, local_eval_k=500, max_elements=2000 * 7 * D)
     batches = [(x[:10], torch.arange(10)), (x[10:], torch.arange(10, 24))]  # the metric accumulates batches
-    gaps = inference_gap_metrics(module, batches, settings, torch.Generator().manual_seed(3))
+    gaps = inference_gap_metrics(module, batches, settings, AIS3, torch.Generator().manual_seed(3))
     assert gaps is not None
+    assert gaps["gap_local_not_converged"] == 0.0
     kl_amortized = float(kl_to_posterior(lg, x, *module.amortized_gaussian(x)).mean())
     se = elbo_se(module, x, settings.elbo_k, seed=4)
     # log p(x) - ELBO[q] = KL(q || p(z|x)) per example
@@ -112,17 +140,28 @@ def test_methods_without_a_bound_or_an_amortized_gaussian() -> None:
     lg = linear_gaussian(2, orthogonal=True, seed=5)
     x, _ = lg.sample(4, generator=torch.Generator().manual_seed(6))
 
-    class NoBound(LinearGaussianMethod):
-        def amortized_gaussian(self, x: Tensor, index: Tensor | None = None) -> None:
+    class NoBoundPosterior(LinearGaussianPosterior):
+        def gaussian(self) -> None:
             return None
 
-    assert inference_gap_metrics(NoBound(lg), [(x, torch.arange(4))]) is None
+        def bound(self, k: int, generator: torch.Generator | None = None) -> None:
+            return None
 
-    class OwnBound(NoBound):  # a bound of its own but no amortized Gaussian (ALMOND-like): no split
-        def elbo_estimate(self, x, index=None, k=100, generator=None) -> Tensor:
-            return self.lg.log_marginal(x) - 1.0
+    class NoBound(LinearGaussianMethod):
+        def posterior(self, x: Tensor, index: Tensor | None = None) -> Posterior:
+            return NoBoundPosterior(self, x)
 
-    gaps = inference_gap_metrics(OwnBound(lg), [(x, torch.arange(4))])
+    assert inference_gap_metrics(NoBound(lg), [(x, torch.arange(4))], nll=AIS3) is None
+
+    class OwnBoundPosterior(NoBoundPosterior):  # a bound of its own but no amortized Gaussian (ALMOND-like): no split
+        def bound(self, k: int, generator: torch.Generator | None = None) -> Tensor:
+            return lg.log_marginal(self.x) - 1.0
+
+    class OwnBound(LinearGaussianMethod):
+        def posterior(self, x: Tensor, index: Tensor | None = None) -> Posterior:
+            return OwnBoundPosterior(self, x)
+
+    gaps = inference_gap_metrics(OwnBound(lg), [(x, torch.arange(4))], nll=AIS3)
     assert gaps is not None and "approximation_gap" not in gaps
     assert gaps["inference_gap"] == pytest.approx(1.0, abs=1e-8)
 
@@ -136,8 +175,9 @@ def test_fitted_gaussian_elbo_of_exact_posterior_draws() -> None:
     mean, cov = lg.posterior(x)
     n, k = 20000, 4000
     draws = MultivariateNormal(mean, covariance_matrix=cov).sample((n,))
-    elbo = fitted_gaussian_elbo(model.log_joint, x, draws, k=k, generator=torch.Generator().manual_seed(9))
-    mu_f, log_var_f = fitted_gaussian(draws)
+    sampled = SamplePosterior(lambda m, g: draws[:m], partial(model.log_joint, x), fit_draws=n)
+    elbo = sampled.bound(k, generator=torch.Generator().manual_seed(9))
+    mu_f, log_var_f = moment_fit(draws)
     kl_fit = kl_to_posterior(lg, x, mu_f, log_var_f)
     log_w = gaussian_log_weights(model.log_joint, x, mu_f, log_var_f, k, torch.Generator().manual_seed(10))
     se = float((log_w.var(0) / k).sum().sqrt() / x.shape[0])
@@ -156,16 +196,19 @@ def test_fitted_gaussian_elbo_of_exact_posterior_draws() -> None:
 def test_almond_hooks_summarise_its_langevin_draws() -> None:
     """ALMOND's evaluator hooks on an exact linear-Gaussian p(x, z): MALA chains (exact invariant law) give
     draws of p(z|x), and its bound is the moment-matched Gaussian's ELBO, whose gap is known in closed form."""
+    from latentlab.models import ALMOND
+
     lg = linear_gaussian(2, orthogonal=False, seed=7)
     n, k = 2000, 2000
     almond = ALMOND(data_dim=D, latent_dim=2, likelihood="gaussian", sampler="mala", eval_chains=n, eval_langevin_steps=200)
     almond.model = LinearGaussianMethod(lg).model
     x, _ = lg.sample(8, generator=torch.Generator().manual_seed(30))
     mean, cov = lg.posterior(x)
-    draws = almond.posterior_draws(x, None, n, torch.Generator().manual_seed(31))
+    posterior = almond.posterior(x, None)  # no persistent chains for these x: fresh Langevin chains
+    draws = posterior.sample(n, torch.Generator().manual_seed(31))
     assert draws.shape == (n, 8, 2)
     assert ((draws.mean(0) - mean).abs() < N_SE * (cov.diagonal() / n).sqrt()).all()
-    gap = lg.log_marginal(x) - almond.elbo_estimate(x, None, k=k, generator=torch.Generator().manual_seed(32))
+    gap = lg.log_marginal(x) - posterior.bound(k, generator=torch.Generator().manual_seed(32))
     precision = torch.linalg.inv(cov)
     expected = 0.5 * (torch.trace(precision @ torch.diag(cov.diagonal())) - 2 + torch.logdet(cov) - cov.diagonal().log().sum())
     # per example, the fitted variances' relative sd sqrt(2 / n) moves the KL by 0.5 (Lambda_ii Sigma_ii - 1) each
@@ -175,7 +218,7 @@ def test_almond_hooks_summarise_its_langevin_draws() -> None:
                                  torch.Generator().manual_seed(33))
     mc_se = float((log_w.var(0) / k).sum().sqrt() / x.shape[0])
     assert abs(float(gap.mean() - expected)) < N_SE * math.hypot(fit_sd / math.sqrt(8), mc_se) + 2 / n
-    assert almond.amortized_gaussian(x) is None  # no amortized Gaussian: the gap is reported without a split
+    assert posterior.gaussian() is None  # no amortized Gaussian: the gap is reported without a split
 
 
 def test_inference_gap_metric_state_and_errors() -> None:
@@ -205,22 +248,24 @@ def test_bdmc_sandwiches_the_exact_expected_log_likelihood() -> None:
     """On data simulated from the model, E[log p(x)] = -H[p(x)] = -0.5 log det(2 pi e C); AIS from the prior
     bounds it from below, reverse AIS from the exact posterior sample from above, and more steps narrow the gap."""
     lg = linear_gaussian(2, orthogonal=False, seed=11)
-    module = LinearGaussianMethod(lg, ais_init="prior")
+    module = LinearGaussianMethod(lg)
+    prior_start = replace(AIS3, ais_start="prior")
     cov = lg.marginal().covariance_matrix
     truth = -0.5 * float(torch.logdet(2 * math.pi * math.e * cov))
     ais = AnnealedImportanceSampling(n_steps=60, n_chains=1, leapfrog_steps=3)
-    out = bdmc_metrics(module, 40, ais, batch_size=16, generator=torch.Generator().manual_seed(12))
+    out = bdmc_metrics(module, 40, ais, batch_size=16, generator=torch.Generator().manual_seed(12), nll=prior_start)
     assert out["bdmc_lower"] - N_SE * out["bdmc_lower_se"] < truth < out["bdmc_upper"] + N_SE * out["bdmc_upper_se"]
     assert out["bdmc_gap"] > -N_SE * out["bdmc_gap_se"]
-    # started at the exact posterior (the method's proposal, ais_init=posterior) both directions are exact
+    # started at the exact posterior (the posterior's fitted Gaussian, ais_start=posterior) both directions are exact
     # (an orthogonal W, so that the proposal's diagonal Gaussian is the posterior)
     lg_diag = linear_gaussian(2, orthogonal=True, seed=11)
-    exact = bdmc_metrics(LinearGaussianMethod(lg_diag), 40, ais, batch_size=16, generator=torch.Generator().manual_seed(13))
+    exact = bdmc_metrics(LinearGaussianMethod(lg_diag), 40, ais, batch_size=16, generator=torch.Generator().manual_seed(13),
+                         nll=AIS3)
     assert abs(exact["bdmc_gap"]) < 1e-8 and exact["bdmc_gap_se"] < 1e-8
     truth_diag = -0.5 * float(torch.logdet(2 * math.pi * math.e * lg_diag.marginal().covariance_matrix))
     assert abs(exact["bdmc_lower"] - truth_diag) < N_SE * exact["bdmc_lower_se"]
     crude = bdmc_metrics(module, 40, AnnealedImportanceSampling(n_steps=2, n_chains=1, leapfrog_steps=3), batch_size=40,
-                         generator=torch.Generator().manual_seed(12))
+                         generator=torch.Generator().manual_seed(12), nll=prior_start)
     assert crude["bdmc_gap"] - out["bdmc_gap"] > N_SE * math.hypot(crude["bdmc_gap_se"], out["bdmc_gap_se"])
 
 
@@ -257,29 +302,35 @@ def test_zoomed_grid_posterior_has_the_exact_moments(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- base and VAE hooks
 
 
-def test_vae_hooks_agree_with_each_other() -> None:
+def test_vae_posterior_agrees_with_itself() -> None:
+    from latentlab.models import VAE
+
     torch.manual_seed(17)
     vae = VAE(data_dim=D, latent_dim=2, likelihood="gaussian").double()
     x = torch.randn(5, D, dtype=torch.float64, generator=torch.Generator().manual_seed(18))
-    mu, log_var = vae.amortized_gaussian(x)
-    assert torch.equal(mu, vae.encode(x)[0])
-    draws = vae.posterior_draws(x, None, 4000, torch.Generator().manual_seed(19))
+    posterior = vae.posterior(x)
+    mu, log_var = posterior.gaussian()
+    assert torch.equal(mu, vae.encoder(x)[0])
+    draws = posterior.sample(4000, torch.Generator().manual_seed(19))
     assert draws.shape == (4000, 5, 2)
     # draws come from q(z|x): their mean is mu within 4 standard errors sd / sqrt(n)
     assert ((draws.mean(0) - mu).abs() < N_SE * (0.5 * log_var).exp() / math.sqrt(4000)).all()
     # exact-KL ELBO and the sampled-log-q ELBO of the same Gaussian estimate the same number
     k = 4000
-    exact_kl = vae.elbo_estimate(x, None, k=k, generator=torch.Generator().manual_seed(20))
-    sampled = gaussian_elbo(vae.model.log_joint, x, mu, log_var, k=k, generator=torch.Generator().manual_seed(21))
+    exact_kl = posterior.bound(k, generator=torch.Generator().manual_seed(20))
+    sampled = gaussian_elbo(partial(vae.model.log_joint, x), mu, log_var, k=k, generator=torch.Generator().manual_seed(21))
     z = mu + (0.5 * log_var).exp() * torch.randn(k, *mu.shape, dtype=mu.dtype, generator=torch.Generator().manual_seed(22))
     se_recon = float((vae.model.log_likelihood(x, z).var(0) / k).sum().sqrt() / x.shape[0])
-    se = math.hypot(se_recon, elbo_se(vae, x, k, seed=23))
+    log_w = gaussian_log_weights(vae.model.log_joint, x, mu, log_var, k, torch.Generator().manual_seed(23))
+    se = math.hypot(se_recon, float((log_w.var(0) / k).sum().sqrt() / x.shape[0]))
     assert abs(float((exact_kl - sampled).mean())) < N_SE * se
-    assert vae.ais_start(x) is None  # default: AIS from the prior
-    vae.eval_spec.ais_init = "posterior"
-    assert isinstance(vae.ais_start(x), Independent)
-    with pytest.raises(ConfigError, match="ais_init"):
-        EvalSpec(ais_init="encoder")
+    # AIS starts: the prior on request, else the Gaussian itself (no fit needed for an amortized Gaussian)
+    prior = ais_start(vae.model, x, posterior, replace(AIS3, ais_start="prior"))
+    assert torch.equal(prior.mean, torch.zeros_like(mu))
+    own = ais_start(vae.model, x, posterior, AIS3)
+    assert isinstance(own, Independent) and torch.allclose(own.mean, mu)
+    with pytest.raises(ConfigError, match="ais_start"):
+        replace(AIS3, ais_start="encoder")
 
 
 # --------------------------------------------------------------------------- comparison table

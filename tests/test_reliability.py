@@ -13,11 +13,8 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import pytest
 import torch
@@ -31,21 +28,9 @@ from latentlab.checkpointing import (
     remove_stale_temp_files,
     resolve_ckpt_path,
 )
-from latentlab.errors import CheckpointError, NumericalError
+from latentlab.errors import CheckpointError, NumericalError, Preempted
+from latentlab.fault_drills import AVAILABLE, KILL_DURING_SAVE, KILL_RUN, METHODS, QUIET, SMALL, cli, preempt_at
 from latentlab.train import train
-
-QUIET = ["logger=none", "callbacks.progress_bar=null", "callbacks.model_summary=null", "callbacks.image_grid=null",
-         "+trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
-SMALL = ["model.eval.k=5", "+trainer.limit_train_batches=5", "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2"]
-# Each method at its smallest: ALMOND with 2 chains x 2 Langevin steps and no warm-up (chains from epoch 0).
-METHODS: dict[str, list[str]] = {
-    "vae": ["model=vae"],
-    "avb": ["model=avb", "model.eval.ais_steps=5", "model.eval.ais_chains=2", "model.eval.ais_leapfrog=2"],
-    "almond": ["model=almond", "model.n_chains=2", "model.langevin_steps=2", "model.eval_chains=2",
-               "model.eval_langevin_steps=2"],
-}
-AVAILABLE = [m for m in METHODS if (Path(__file__).parents[1] / "conf" / "model" / f"{m}.yaml").is_file()]
-
 
 def run(out: Path, *overrides: str) -> dict[str, float]:
     return train(compose_config([*QUIET, *SMALL, *overrides], output_dir=out))
@@ -78,6 +63,46 @@ def test_resume_at_epoch_boundary_matches_the_uninterrupted_run(tmp_path: Path, 
         assert ckpt["almond"]["chains"].shape[:2] == (2, 1297) and bool(torch.isfinite(ckpt["almond"]["chains"]).all())
 
 
+@pytest.mark.parametrize("method", [m for m in ("vae", "avb") if m in AVAILABLE])
+def test_sigterm_mid_epoch_writes_a_checkpoint_and_the_resume_is_the_uninterrupted_run(tmp_path: Path,
+                                                                                       method: str) -> None:
+    """SIGTERM at step 7 (epoch 1, batch 2 of 5; AVB: batch 1) -> last.ckpt at that step and `Preempted`; the
+    resume continues the same training order and random streams, so every final metric is bit for bit equal."""
+    straight = run(tmp_path / "straight", *METHODS[method], "trainer.max_epochs=2")
+    with pytest.raises(Preempted, match="stopped by SIGTERM at training step"):
+        run(tmp_path / "resumed", *METHODS[method], "trainer.max_epochs=2", *preempt_at(7))
+    assert ckpt_step(tmp_path / "resumed") in (7, 8)  # AVB steps by 2
+    resumed = run(tmp_path / "resumed", *METHODS[method], "trainer.max_epochs=2", "ckpt_path=last")
+    assert resumed == straight
+
+
+@pytest.mark.skipif("almond" not in AVAILABLE, reason="ALMOND not available")
+def test_almond_preempted_mid_epoch_resumes_from_its_run_directory_alone(tmp_path: Path) -> None:
+    """The real CLI: an ALMOND run gets SIGTERM mid-epoch (step 7 = epoch 1, batch 2), exits with the
+    "preempted" status and a checkpoint; `hydra.run.dir=<run> ckpt_path=last` alone (the model and every
+    other override come from the run's own record) finishes it with test metrics equal to the uninterrupted
+    run's, and the run's launch record `.hydra/overrides.yaml` is as it was."""
+    from latentlab.entry import EXIT_PREEMPTED
+
+    launch = [*QUIET, *SMALL, *METHODS["almond"], "trainer.max_epochs=2"]
+    straight = run(tmp_path / "straight", *launch[len(QUIET) + len(SMALL):])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    first = cli(run_dir, *launch, *preempt_at(7))
+    assert first.returncode == EXIT_PREEMPTED, first.stderr[-3000:]
+    assert "latentlab: preempted: stopped by SIGTERM at training step 7" in first.stderr
+    assert ckpt_step(run_dir) == 7 and (run_dir / "PREEMPTED").is_file()
+    record = (run_dir / ".hydra" / "overrides.yaml").read_text()
+    resumed = cli(run_dir, "ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {k: v for k, v in metrics.items() if k.startswith("test/")} == \
+        {k: v for k, v in straight.items() if k.startswith("test/")}
+    assert metrics == straight  # validation and training metrics too
+    assert (run_dir / ".hydra" / "overrides.yaml").read_text() == record
+    assert "ckpt_path=last" in (run_dir / ".hydra" / "resume-1" / "overrides.yaml").read_text()
+
+
 def test_resume_after_the_last_epoch_reports_what_the_uninterrupted_run_did(tmp_path: Path) -> None:
     """Killed after training, while testing: the resumed run trains no more, yet its metrics.json must equal
     the uninterrupted run's (validation metrics from the checkpoint, test drawing the same random numbers)."""
@@ -103,60 +128,6 @@ def test_random_state_round_trips_through_a_weights_only_checkpoint(tmp_path: Pa
 
 
 # ----- kills --------------------------------------------------------------------------------------
-KILL_RUN = ["trainer.max_epochs=4", "+trainer.limit_train_batches=10", "+trainer.limit_val_batches=2",
-            "+trainer.limit_test_batches=2", "model.eval.k=5", "callbacks.image_grid.n=16", "callbacks.progress_bar=null",
-            "callbacks.model_summary=null", "+trainer.enable_progress_bar=false"]
-# Runs the CLI with torch.save replaced by one that writes half of the checkpoint and then SIGKILLs its own
-# process, on the n-th checkpoint save: a kill in the middle of writing last.ckpt.
-KILL_DURING_SAVE = """
-import io, os, runpy, signal, sys, torch
-n, real_save, count = int(sys.argv.pop(1)), torch.save, [0]
-def save(obj, f, *args, **kwargs):
-    if isinstance(obj, dict) and "state_dict" in obj and hasattr(f, "write"):
-        count[0] += 1
-        if count[0] == n:
-            buf = io.BytesIO(); real_save(obj, buf, *args, **kwargs); data = buf.getvalue()
-            f.write(data[: len(data) // 2]); f.flush(); os.fsync(f.fileno())
-            os.kill(os.getpid(), signal.SIGKILL)
-    return real_save(obj, f, *args, **kwargs)
-torch.save = save
-sys.argv[0] = "latentlab-train"
-runpy.run_module("latentlab.train", run_name="__main__")
-"""
-
-
-class CliRun(NamedTuple):
-    returncode: int
-    stderr: str
-    job_seconds: float | None  # from the Hydra job's start (imports done) to the end of the process
-    killed: bool
-
-
-def cli(run_dir: Path, *overrides: str, kill_after: float | None = None, prefix: list[str] | None = None,
-        timeout: float = 240) -> CliRun:
-    """Run latentlab-train in `run_dir`; with `kill_after`, SIGKILL it that many seconds after the Hydra job
-    has started (its .hydra/config.yaml appears: imports done, training about to start)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
-    marker = run_dir / ".hydra" / "config.yaml"
-    marker.unlink(missing_ok=True)
-    cmd = [sys.executable, *(prefix or ["-m", "latentlab.train"]), f"hydra.run.dir={run_dir}", *overrides]
-    proc = subprocess.Popen(cmd, env=env, cwd=run_dir.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, stdin=subprocess.DEVNULL)
-    deadline, started, killed = time.monotonic() + timeout, None, False
-    while proc.poll() is None and time.monotonic() < deadline:
-        if started is None and marker.exists():
-            started = time.monotonic()
-        if kill_after is not None and started is not None and time.monotonic() - started >= kill_after:
-            proc.send_signal(signal.SIGKILL)
-            killed = True
-            break
-        time.sleep(0.02)
-    _, stderr = proc.communicate(timeout=timeout)
-    end = time.monotonic()
-    killed = killed or proc.returncode == -signal.SIGKILL
-    return CliRun(proc.returncode, stderr, None if started is None else end - started, killed)
-
-
 def test_sigkill_during_a_save_and_at_random_points_then_resume_matches(tmp_path: Path) -> None:
     """A: killed while writing its 2nd checkpoint -> last.ckpt is still the 1st, complete (the half-written
     temp file is not it). B: resumed with ckpt_path=last and SIGKILLed at a random moment, twice. C: resumed
@@ -243,7 +214,7 @@ def test_nan_in_each_component_stops_with_step_component_and_last_good_checkpoin
 def test_langevin_divergence_names_the_sampler_and_the_guard_switch_prevents_it(tmp_path: Path) -> None:
     """A step size so large that the Langevin chains overflow: without `model.sampler_guard` the run stops at
     the first E-step naming the sampler; with it, diverging moves are rejected and training finishes finite."""
-    huge = [*METHODS["almond"], "model.step_size=1e20", "trainer.num_sanity_val_steps=0", "model.eval.val_every_n_epochs=0",
+    huge = [*METHODS["almond"], "model.step_size=1e20", "trainer.num_sanity_val_steps=0", "eval.val_nll.val_every_n_epochs=0",
             "test=false"]
     with pytest.raises(NumericalError, match="sampler produced non-finite chain states at training step 0.*sampler_guard"):
         run(tmp_path / "off", *huge)

@@ -28,7 +28,7 @@ from latentlab.models import ALMOND
 from latentlab.sweeps import summarize_sweep, summary_markdown, write_sweep_summary
 
 TINY = ["trainer.max_epochs=1", "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=2",
-        "+trainer.limit_test_batches=1", "model.eval.k=5", "logger=none", "callbacks.image_grid=null",
+        "+trainer.limit_test_batches=1", "eval.nll.k=5", "eval.val_nll.k=5", "logger=none", "callbacks.image_grid=null",
         "callbacks.progress_bar=null", "trainer.enable_model_summary=false"]
 
 
@@ -152,7 +152,7 @@ def test_dashboard_to_wandb_offline_and_tensorboard(tmp_path: Path) -> None:
     Probe.seen = []
     metrics, run_dir = api.train([
         "model=almond", "model.vae_epochs=1", "model.sampler=mala", "model.n_chains=4", "model.langevin_steps=3",
-        "model.eval_chains=4", "model.eval_langevin_steps=5", "model.eval.k=5", "data.batch_size=32",
+        "model.eval_chains=4", "model.eval_langevin_steps=5", "eval.nll.k=5", "eval.val_nll.k=5", "data.batch_size=32",
         "trainer.max_epochs=2", "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=1",
         "+trainer.limit_test_batches=1", "trainer.log_every_n_steps=1", "logger=many_loggers", "callbacks=dashboard",
         "callbacks.dashboard.max_points=200", "callbacks.image_grid.n=16", "+callbacks.probe._target_=test_workflow.Probe",

@@ -72,12 +72,17 @@ def train(overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> t
     """Train in this process as `latentlab-train <overrides>` would; returns (final metrics, run directory).
 
     Errors are raised (a `latentlab.errors.LatentlabError` for bad input) rather than printed, so a
-    notebook shows them where they happened.
+    notebook shows them where they happened. With `logger=wandb` each call is a W&B run of its own,
+    finished (its files complete) when the call returns.
     """
+    from latentlab.loggers import finish_wandb_run
     from latentlab.train import train as train_fn
 
     cfg, out = _prepare(overrides, run_dir, "train")
-    return train_fn(cfg), out
+    try:
+        return train_fn(cfg), out
+    finally:
+        finish_wandb_run()
 
 
 def evaluate(ckpt_path: str | Path, overrides: Sequence[str] = (),

@@ -76,6 +76,11 @@ def build_model(cfg: DictConfig, datamodule: L.LightningDataModule) -> LatentVar
     model = instantiate_section("model", cfg.model, data_dim=datamodule.data_dim,
                                 image_shape=getattr(datamodule, "image_shape", None), _recursive_=True, _convert_="all")
     model.run_config = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    from latentlab.models.base import LatentVariableModel  # deferred: builders is imported before the models load
+
+    if isinstance(model, LatentVariableModel):  # conf/eval/nll/: the log p(x) budgets of validation and test
+        evaluation = cfg.get("eval") or {}
+        model.configure_evaluation(val=evaluation.get("val_nll"), test=evaluation.get("nll"), seed=cfg.get("seed"))
     return model
 
 

@@ -39,7 +39,8 @@ TOP_LEVEL: dict[str, Any] = {
     "test": bool,
     "optimized_metric": str | None,
 }
-SECTIONS = ("data", "net", "model", "trainer", "callbacks", "logger", "paths", "hydra", "experiment", "hparams_search")
+SECTIONS = ("data", "net", "model", "sampler", "trainer", "callbacks", "logger", "paths", "eval", "hydra", "experiment",
+            "hparams_search")
 SEED_MAX = 2**32 - 1  # numpy's seed range, which seed_everything enforces
 
 
@@ -306,6 +307,11 @@ def validate_config(cfg: DictConfig) -> None:
         if err := _type_error("net", _resolved(cfg, "net"), NetSpec):
             raise ConfigError(err)
     _validate_trainer(cfg)
+    for key in ("nll", "val_nll"):  # conf/eval/nll/: checked here, before anything is written
+        if (cfg.get("eval") or {}).get(key) is not None:
+            from latentlab.estimators import NLLSettings
+
+            NLLSettings.coerce(_resolved(cfg, f"eval.{key}"))
     for group in ("callbacks", "logger"):
         for name, node in (cfg.get(group) or {}).items():
             if node is None:

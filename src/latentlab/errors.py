@@ -19,3 +19,8 @@ class CheckpointError(LatentlabError):
 
 class NumericalError(LatentlabError):
     """NaN/inf detected in a loss, gradient or sampler state; names the step and component."""
+
+
+class Preempted(Exception):
+    """Not an error: the run was told to stop (SIGTERM, Slurm preemption) and wrote its checkpoint;
+    the entry point exits with `latentlab.entry.EXIT_PREEMPTED`, and `ckpt_path=last` resumes it."""

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -43,13 +42,13 @@ from latentlab.builders import (
     scalar_metrics,
     write_json_atomic,
 )
-from latentlab.compare import comparison_table
+from latentlab.report import metrics_markdown
 from latentlab.checkpointing import load_checkpoint_safely
-from latentlab.errors import CheckpointError, ConfigError, LatentlabError
+from latentlab import entry
+from latentlab.errors import CheckpointError, ConfigError
 from latentlab.metrics.classifier import DomainClassifier, Splits, load_or_train_classifier
-from latentlab.metrics.loglik import AnnealedImportanceSampling
+from latentlab.estimators import GapSettings, NLLSettings, ais_from_settings
 from latentlab.metrics.posterior import (
-    GapSettings,
     bdmc_metrics,
     inference_gap_metrics,
     plot_posterior_pictures,
@@ -58,11 +57,13 @@ from latentlab.metrics.posterior import (
 from latentlab.models.base import LatentVariableModel
 
 log = logging.getLogger("latentlab")
-#: eval.* keys that override the run's `model.eval` (EvalSpec); `nll` is EvalSpec's `estimator`.
-EVAL_SPEC_KEYS = ("nll", "k", "chunk_size", "ais_steps", "ais_chains", "ais_leapfrog", "ais_init", "max_batches")
 #: Data-module arguments that give the canonical labelled splits a dataset's classifier is trained on.
 CANONICAL_DATA = {"binarize": "none", "binarize_threshold": None, "train_subset": None, "val_subset": None,
                   "test_subset": None, "val_size": 0}
+
+
+def _container(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -101,6 +102,7 @@ class Analyses:
                 raise ConfigError(f"eval.{key} must be an integer >= {1 if key == 'batch_size' else 0}, got {value!r}")
         grid = cfg.get("grid") or {}
         gap = OmegaConf.to_container(cfg.gap, resolve=True) if cfg.get("gap") is not None else {}
+        gap = {k: v for k, v in gap.items() if v is not None}  # type: ignore[union-attr]
         try:
             gap_settings = GapSettings(**gap)  # type: ignore[arg-type]
         except TypeError as exc:
@@ -219,7 +221,9 @@ def first_test_batches(datamodule: L.LightningDataModule, n: int, batch_size: in
 
 def run_analyses(model: LatentVariableModel, datamodule: L.LightningDataModule, run_cfg: DictConfig, cfg: DictConfig,
                  plan: Analyses, out: Path, device: torch.device) -> tuple[dict[str, float], dict[str, Path]]:
-    """Every analysis `plan` asks for: ({test/<name>: value}, {image key: png path})."""
+    """Every analysis `plan` asks for: ({test/<name>: value}, {image key: png path}). BDMC and the gaps use the
+    test pass's budget (`eval.nll`), so BDMC's gap bounds the error of the number reported as test/nll."""
+    nll = model.nll_settings["test"]
     metrics: dict[str, float] = {}
     images: dict[str, Path] = {}
     seed = int(cfg.seed) if cfg.get("seed") is not None else 0
@@ -230,18 +234,20 @@ def run_analyses(model: LatentVariableModel, datamodule: L.LightningDataModule, 
 
     images["samples"] = _sample_grid(model, out / "samples.png", generator)
     if plan.bdmc:
-        t0, spec = time.perf_counter(), model.eval_spec
-        ais = AnnealedImportanceSampling(n_steps=spec.ais_steps, n_chains=1, leapfrog_steps=spec.ais_leapfrog)
-        metrics.update(bdmc_metrics(model, plan.bdmc, ais, plan.batch_size, generator))
+        t0 = time.perf_counter()
+        metrics.update(bdmc_metrics(model, plan.bdmc, ais_from_settings(nll, n_chains=1), plan.batch_size, generator, nll))
         timed(f"BDMC on {plan.bdmc} simulated examples", t0)
     if plan.gaps:
         t0 = time.perf_counter()
         batches = first_test_batches(datamodule, plan.gaps, plan.batch_size, device)
-        gaps = inference_gap_metrics(model, batches, plan.gap, generator)
+        gaps = inference_gap_metrics(model, batches, plan.gap, nll, generator)
         if gaps is None:
-            log.info("note: %s has no per-example bound (elbo_estimate): inference gap skipped", model.method)
+            log.info("note: %s's posterior has no bound of its own: inference gap skipped", model.method)
         else:
             metrics.update(gaps)
+            if gaps.get("gap_local_not_converged", 0) > 0:
+                log.warning("approximation gap: %d of %d examples' local Gaussians did not converge within "
+                            "eval.gap.local_steps; raise it (or eval.gap.local_lr)", gaps["gap_local_not_converged"], plan.gaps)
             timed(f"inference gaps on {plan.gaps} test examples", t0)
     if plan.posterior_plots:
         if model.latent_dim == 2:
@@ -293,6 +299,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("train_classifier"):
         return train_classifier_only(cfg)
     plan = Analyses.from_config(cfg.get("eval"))
+    nll = NLLSettings.coerce(_container(cfg.eval.nll) if cfg.get("eval") and cfg.eval.get("nll") else "standard")
     ckpt = load_checkpoint(cfg.ckpt_path)
     run_cfg = OmegaConf.create(ckpt["latentlab"]["config"])
     with open_dict(run_cfg):
@@ -301,9 +308,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             run_cfg.data.data_dir = cfg.paths.data_dir
         if cfg.get("data_overrides"):
             run_cfg.data = OmegaConf.merge(run_cfg.data, cfg.data_overrides)
-        overrides = {("estimator" if k == "nll" else k): v for k, v in (cfg.get("eval") or {}).items()
-                     if v is not None and k in EVAL_SPEC_KEYS}
-        run_cfg.model.eval = OmegaConf.merge(run_cfg.model.get("eval") or {}, overrides)
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
     datamodule = build_datamodule(run_cfg)
@@ -315,8 +319,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise CheckpointError(f"checkpoint {cfg.ckpt_path} does not match method {ckpt['latentlab']['method']!r} "
                               f"as this latentlab builds it (missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}); "
                               "was it written by another version?")
-    if hasattr(model, "on_load_checkpoint"):
-        model.on_load_checkpoint(ckpt)
+    model.on_load_checkpoint(ckpt)
+    if isinstance(model, LatentVariableModel):  # the denoiser has no p(z), so no log p(x) budget
+        model.configure_evaluation(test=nll, seed=cfg.get("seed"))
     loggers = build_loggers(cfg)
     trainer = build_trainer(cfg, [], loggers)
     trainer.test(model, datamodule=datamodule)
@@ -327,25 +332,23 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     model.to(device).eval()
     extra, images = run_analyses(model, datamodule, run_cfg, cfg, plan, out, device)
     metrics.update(extra)
-    record: dict[str, Any] = {**metrics, "method": ckpt["latentlab"]["method"], "ckpt_path": str(cfg.ckpt_path)}
+    record: dict[str, Any] = {**metrics, **model.evaluation_record("test"), "method": ckpt["latentlab"]["method"],
+                              "ckpt_path": str(cfg.ckpt_path)}
     write_json_atomic(out / "metrics.json", record)
-    (out / "metrics.md").write_text(comparison_table({out.name: record}))
+    (out / "metrics.md").write_text(metrics_markdown(record, title=f"{record['method']}: {out.name}"))
     publish(loggers, metrics, extra, images)
     log.info("metrics: %s", {k: round(v, 4) for k, v in sorted(metrics.items())})
     return metrics
 
 
 @hydra.main(version_base="1.3", config_path="pkg://latentlab.conf", config_name="eval")
+@entry.job  # the one error path: one line + exit 2, a failing job of a multirun is reported and the sweep goes on
 def _hydra_main(cfg: DictConfig) -> Any:
-    try:
-        return evaluate(cfg).get("test/nll")
-    except LatentlabError as exc:
-        print(f"latentlab: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return evaluate(cfg).get("test/nll")
 
 
-def main() -> None:
-    _hydra_main()
+def main(argv: Any = None) -> None:
+    entry.run(_hydra_main, argv=argv)
 
 
 if __name__ == "__main__":

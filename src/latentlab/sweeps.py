@@ -28,10 +28,14 @@ from omegaconf import DictConfig, OmegaConf
 from latentlab.builders import write_json_atomic
 from latentlab.compare import (
     HIGHER_IS_BETTER,
-    _natural_key,
     comparison_table,
+    data_of,
     default_columns,
+    natural_key,
+    split_overrides,
 )
+
+__all__ = ["SweepSummary", "job_dirs", "split_overrides", "summarize_sweep", "summary_markdown", "write_sweep_summary"]
 
 log = logging.getLogger("latentlab")
 
@@ -44,15 +48,7 @@ def job_dirs(sweep_dir: str | Path) -> list[Path]:
     root = Path(sweep_dir)
     found = [p.parent.parent for p in root.rglob(".hydra/overrides.yaml")
              if p.parent.parent != root and not _SKIP_PARTS & set(p.parent.parent.relative_to(root).parts)]
-    return sorted(found, key=lambda d: _natural_key(d.relative_to(root)))
-
-
-def split_overrides(overrides: list[list[str]]) -> tuple[list[str], list[list[str]]]:
-    """(overrides every job has, in order; each job's own others): what names a job within its sweep."""
-    if not overrides:
-        return [], []
-    common = set.intersection(*(set(o) for o in overrides))
-    return [o for o in overrides[0] if o in common], [[o for o in own if o not in common] for own in overrides]
+    return sorted(found, key=lambda d: natural_key(d.relative_to(root)))
 
 
 def infer_direction(metric: str | None) -> str:
@@ -84,7 +80,7 @@ def summarize_sweep(sweep_dir: str | Path, metric: str | None = None, direction:
             metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
         except ValueError:  # half-written by a job that died mid-write (train writes atomically, others may not)
             metrics = None
-        jobs.append({"job": str(d.relative_to(root)), "dir": str(d), "overrides": overrides,
+        jobs.append({"job": str(d.relative_to(root)), "dir": str(d), "overrides": overrides, "data": data_of(d) or "?",
                      "status": "completed" if metrics is not None else "failed", "metrics": metrics or {},
                      "value": _finite((metrics or {}).get(metric)) if metric else None})
     scored = [j for j in jobs if j["value"] is not None]
@@ -120,7 +116,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     columns = [c for c in default_columns(rows) if c.startswith(("val/", "test/"))]
     if metric:
         columns = [metric] + [c for c in columns if c != metric]
-    return "\n".join(lines) + "\n\n" + (comparison_table(rows, columns) if rows else "no jobs yet\n")
+    data = {name: j.get("data", "?") for name, j in zip(rows, summary["jobs"])}
+    return "\n".join(lines) + "\n\n" + (comparison_table(rows, columns, data) if rows else "no jobs yet\n")
 
 
 def write_sweep_summary(sweep_dir: str | Path, metric: str | None = None,

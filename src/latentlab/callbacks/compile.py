@@ -8,6 +8,10 @@ Which networks: the method's named `components()` (decoder, encoder, discriminat
 are the same as without compiling and `latentlab-eval` loads them uncompiled.
 
 Where it pays and where it does not:
+- Off by default (`components: []`): on a CPU the MLP VAE is matmul-bound and compiling the encoder and
+  decoder (inductor, static shapes) left a training step where it was (16.5-17.5 ms vs 15.8-20 ms CPU time
+  per step on one core, 784-512-512-(2x32), batch 128; issue 14), while the compilation itself costs seconds
+  to a minute. The exact wins there are the fused optimiser (`latentlab.optim`) and fewer host reads.
 - VAE and AVB training call each network with one batch shape per step: compiled once, then fast.
 - ALMOND's Langevin E-step and AIS/IS evaluation call the decoder with extra leading dimensions
   (chains x batch, k x batch) that change between training, the E-step and evaluation chunks. Dynamo then

@@ -10,7 +10,11 @@
 - histograms of the Langevin diagnostics of ALMOND's E-steps over the epoch (step size, acceptance rate, gradient
   norm; with MALA also the per-chain adapted step sizes);
 - after testing, the evaluation table (`test/*` metrics with their standard errors) as a `wandb.Table` and as a
-  TensorBoard text table.
+  TensorBoard text table, and TensorBoard's HParams tab: the run's config beside its final metrics.
+
+`logger=wandb` and `logger=tensorboard` add it (`callbacks.dashboard=null` removes it; conf/callbacks/dashboard.yaml
+lists its settings). It draws from no random stream training uses: its hooks run under `private_rng` and its own
+draws come from a generator seeded with `seed`, so a run's numbers are the same with and without it.
 
 Pictures go to every logger that takes images (W&B, TensorBoard), and to `<run dir>/latent_scatter.png`. Sample and
 reconstruction grids come from `latentlab.callbacks.ImageGrid` (its `every_n_epochs` for grids during training).
@@ -20,6 +24,7 @@ Everything is written by rank 0 only and works with W&B offline (`wandb sync <ru
 from __future__ import annotations
 
 import logging
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -32,7 +37,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from latentlab.callbacks.latents import latent_positions
+from latentlab.callbacks.images import is_logger, private_rng
 from latentlab.errors import ConfigError
 
 log = logging.getLogger("latentlab")
@@ -70,8 +75,9 @@ def method_plan(pl_module: Any, max_epochs: int | None = None) -> str:
 
 
 class MethodProgressBar(RichProgressBar):
-    """Rich progress bar that also shows the method and, for multi-phase methods, the phase in words
-    (instead of ALMOND's numeric `train/phase`)."""
+    """Rich progress bar that also shows the method, for multi-phase methods the phase in words (instead
+    of ALMOND's numeric `train/phase`) and the latest validation NLL; log messages written while it is
+    live (e.g. ALMOND's "starts the Langevin phase") print above it, not into it."""
 
     def get_metrics(self, trainer: L.Trainer, pl_module: Any) -> dict[str, int | str | float | dict[str, float]]:
         items = dict(super().get_metrics(trainer, pl_module))
@@ -81,7 +87,36 @@ class MethodProgressBar(RichProgressBar):
         phase = method_phase(pl_module)
         if phase is not None:
             items["phase"] = phase
+        if "val/nll" in trainer.callback_metrics and "val/nll" not in items:
+            items["val/nll"] = round(float(trainer.callback_metrics["val/nll"]), 3)
         return items
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._route_logging_through_rich()
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._route_logging_through_rich()
+
+    def teardown(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        for handler, stream in getattr(self, "_rerouted", []):
+            handler.setStream(stream)
+        self._rerouted: list[tuple[logging.StreamHandler, Any]] = []
+        super().teardown(trainer, pl_module, stage)
+
+    def _route_logging_through_rich(self) -> None:
+        """While Rich's live display redirects sys.stdout/stderr (on a terminal), point the logging
+        handlers that write to the real streams at the redirected ones, which print above the bar."""
+        rerouted = getattr(self, "_rerouted", [])
+        self._rerouted = rerouted
+        real = {id(sys.__stdout__): "stdout", id(sys.__stderr__): "stderr"}
+        for handler in logging.getLogger().handlers:
+            if type(handler) is logging.StreamHandler and id(handler.stream) in real:
+                current = getattr(sys, real[id(handler.stream)])
+                if current is not handler.stream:
+                    rerouted.append((handler, handler.stream))
+                    handler.setStream(current)
 
 
 class MethodModelSummary(RichModelSummary):
@@ -99,7 +134,7 @@ class MethodModelSummary(RichModelSummary):
 
 
 def _loggers(trainer: L.Trainer, kind: str) -> list[Any]:
-    return [lg for lg in trainer.loggers if type(lg).__name__ == kind]
+    return [lg for lg in trainer.loggers if is_logger(lg, kind)]
 
 
 def figure_to_array(fig: Figure) -> np.ndarray:
@@ -144,14 +179,20 @@ def project_2d(z: Tensor) -> tuple[Tensor, tuple[str, str]]:
 
 
 @torch.no_grad()
-def posterior_means(pl_module: Any, x: Tensor, index: Tensor, n_draws: int = 16) -> Tensor | None:
-    """Where examples sit in z: ALMOND's chain means or q's mean (`latent_positions`), else the mean of
-    `n_draws` draws of the method's posterior (AVB's implicit q); None for a method with neither."""
-    z = latent_positions(pl_module, x, index)
-    if z is not None:
-        return z
-    draws = pl_module.posterior_draws(x, index, n_draws)
-    return None if draws is None else draws.mean(0)
+def posterior_means(pl_module: Any, x: Tensor, index: Tensor, n_draws: int = 16,
+                    generator: torch.Generator | None = None) -> Tensor | None:
+    """Where examples sit in z: ALMOND's mean over its persistent chains (as in the paper's figure), an
+    amortized Gaussian's mean, else the mean of `n_draws` posterior draws (AVB's implicit q) from
+    `generator`; None for a method without a posterior over z (the denoiser)."""
+    chains = getattr(pl_module, "chains", None)
+    if chains is not None and bool(pl_module.visited[index].all()):
+        return pl_module.chain_states(index).mean(0)
+    try:
+        posterior = pl_module.posterior(x, index)
+    except NotImplementedError:
+        return None
+    gaussian = posterior.gaussian()
+    return gaussian[0] if gaussian is not None else posterior.sample(n_draws, generator).mean(0)
 
 
 # --------------------------------------------------------------------------- the callback
@@ -160,15 +201,15 @@ def posterior_means(pl_module: Any, x: Tensor, index: Tensor, n_draws: int = 16)
 class Dashboard(L.Callback):
     """W&B/TensorBoard extras (see the module doc). `output_dir`: where `latent_scatter.png` goes (None: not saved);
     `every_n_epochs`: latent scatter cadence (0: only at the end of training); `max_points`: training examples in it;
-    `epoch_means`/`histograms`/`eval_table`: switch those parts off."""
+    `epoch_means`/`histograms`/`eval_table`: switch those parts off; `seed`: of the scatter's own draws."""
 
     def __init__(self, output_dir: str | None = None, every_n_epochs: int = 1, max_points: int = 2000,
-                 epoch_means: bool = True, histograms: bool = True, eval_table: bool = True) -> None:
+                 epoch_means: bool = True, histograms: bool = True, eval_table: bool = True, seed: int = 0) -> None:
         if every_n_epochs < 0 or max_points < 1:
             raise ConfigError(f"Dashboard needs every_n_epochs >= 0 and max_points >= 1, got {every_n_epochs}, {max_points}")
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.every_n_epochs, self.max_points = int(every_n_epochs), int(max_points)
-        self.epoch_means, self.histograms, self.eval_table = epoch_means, histograms, eval_table
+        self.epoch_means, self.histograms, self.eval_table, self.seed = epoch_means, histograms, eval_table, int(seed)
         self._sums: dict[str, float] = defaultdict(float)
         self._counts: dict[str, int] = defaultdict(int)
         self._diagnostics: dict[str, list[float]] = defaultdict(list)
@@ -234,10 +275,12 @@ class Dashboard(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         points = []
+        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         try:
             for start in range(0, n, 500):
                 index = torch.arange(start, min(start + 500, n), device=pl_module.device)
-                z = posterior_means(pl_module, x_all[start:start + len(index)].to(pl_module.device), index)
+                z = posterior_means(pl_module, x_all[start:start + len(index)].to(pl_module.device), index,
+                                    generator=generator)
                 if z is None:
                     return None
                 points.append(z.float().cpu())
@@ -265,7 +308,8 @@ class Dashboard(L.Callback):
     def _scatter(self, trainer: L.Trainer, pl_module: Any) -> None:
         if not trainer.is_global_zero:
             return
-        rgb = self.latent_scatter(trainer, pl_module)
+        with private_rng([pl_module.device]):
+            rgb = self.latent_scatter(trainer, pl_module)
         if rgb is not None:
             log_picture(trainer, "latents/scatter", rgb, trainer.global_step, f"epoch {trainer.current_epoch}")
 
@@ -279,11 +323,17 @@ class Dashboard(L.Callback):
         if not self.every_n_epochs:
             self._scatter(trainer, pl_module)
 
-    # ----- the evaluation table
+    # ----- the evaluation table and the HParams tab
     def on_test_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        if not (self.eval_table and trainer.is_global_zero):
+        if not trainer.is_global_zero:
             return
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        final = {k: float(v) for k, v in trainer.callback_metrics.items()
+                 if k.startswith(("val/", "test/")) and v.numel() == 1}
+        for logger in _loggers(trainer, "TensorBoardLogger"):
+            log_hparams(logger, getattr(pl_module, "run_config", None) or {}, final)
+        if not self.eval_table:
+            return
+        metrics = {k: v for k, v in final.items() if k.startswith("test/")}
         rows = [[key, value, metrics.get(f"{key}_se")] for key, value in sorted(metrics.items())
                 if not (key.endswith("_se") and key[:-3] in metrics)]
         method = getattr(pl_module, "method", "")
@@ -296,3 +346,19 @@ class Dashboard(L.Callback):
             table = comparison_table({method or "run": metrics})
             for logger in _loggers(trainer, "TensorBoardLogger"):
                 logger.experiment.add_text("evaluation", table, global_step=trainer.global_step)
+
+
+def log_hparams(logger: Any, params: dict[str, Any], metrics: dict[str, float]) -> None:
+    """TensorBoard's HParams tab: the flattened config beside the final metrics. The metric entries point at
+    the scalars already logged under the same tags (unlike `log_hyperparams(params, metrics)`, which would log
+    each metric again at step 0)."""
+    if not metrics:
+        return
+    from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+    from torch.utils.tensorboard.summary import hparams
+
+    flat = logger._sanitize_params(_flatten_dict(_convert_params(params)))
+    flat = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat.items()}
+    writer = logger.experiment._get_file_writer()
+    for summary in hparams(flat, metrics):
+        writer.add_summary(summary)

@@ -20,6 +20,8 @@ chosen component at a chosen step: it is how the tests and `benchmarks/faults.py
 from __future__ import annotations
 
 import math
+import os
+import signal as signals
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -28,14 +30,14 @@ import torch
 from torch import Tensor, nn
 
 from latentlab.errors import ConfigError, NumericalError
+from latentlab.models.base import LatentVariableModel
 
 CLIP_ALGORITHMS = ("norm", "value")
 
 
 def model_components(pl_module: nn.Module) -> dict[str, nn.Module]:
     """The method's named parts (`LatentVariableModel.components()`), else its top-level children."""
-    parts = getattr(pl_module, "components", None)
-    return dict(parts()) if callable(parts) else dict(pl_module.named_children())
+    return pl_module.components() if isinstance(pl_module, LatentVariableModel) else dict(pl_module.named_children())
 
 
 class ComponentMap:
@@ -157,11 +159,26 @@ class NumericalGuard(L.Callback):
                 "parameters are finite: the values came in non-finite (e.g. sampler states) or the objective overflowed")
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
-        if self.check_loss and not bool(torch.isfinite(loss.detach()).all()):
-            exc = NumericalError(f"non-finite loss ({float(loss.detach().float().sum())}) at {_where(trainer)} "
-                                 f"of {getattr(pl_module, 'method', type(pl_module).__name__)}; {self.blame()}")
-            exc.diagnosed = True  # type: ignore[attr-defined]
-            raise exc
+        if not self.check_loss:
+            return
+        finite = torch.isfinite(loss.detach()).all()
+        bad_ranks: list[int] = []
+        if trainer.world_size > 1:
+            # every rank must stop at this same step: a rank that raised alone would leave the others
+            # waiting in the gradient all-reduce; one all-gather of a flag per backward tells them all
+            flags = trainer.strategy.all_gather(finite.to(torch.int32)).reshape(-1)
+            bad_ranks = [r for r, ok in enumerate(flags.tolist()) if not ok]
+            if not bad_ranks:
+                return
+        elif bool(finite):
+            return
+        method = getattr(pl_module, "method", type(pl_module).__name__)
+        where = f" on rank {', '.join(map(str, bad_ranks))} of {trainer.world_size}" if bad_ranks else ""
+        detail = self.blame() if not bool(finite) else "diagnosis on that rank (this rank's loss was finite)"
+        value = f" ({float(loss.detach().float().sum())})" if not bool(finite) else ""
+        exc = NumericalError(f"non-finite loss{value} at {_where(trainer)}{where} of {method}; {detail}")
+        exc.diagnosed = True  # type: ignore[attr-defined]
+        raise exc
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
@@ -226,11 +243,12 @@ class FaultInjector(L.Callback):
     """
 
     def __init__(self, component: str, at_step: int, kind: str = "param", value: float = float("nan"),
-                 after_step: bool = False) -> None:
+                 after_step: bool = False, rank: int | None = None) -> None:
         if kind not in FAULT_KINDS:
             raise ConfigError(f"FaultInjector kind must be one of {'|'.join(FAULT_KINDS)}, got {kind!r}")
         self.component, self.at_step, self.kind = component, int(at_step), kind
         self.value, self.after_step = float(value), bool(after_step)
+        self.rank = rank  # only this DDP rank (None: every rank)
         self.fired = False
         self._handles: list[Any] = []
 
@@ -267,6 +285,8 @@ class FaultInjector(L.Callback):
                 lambda m, args, out: _map_tensors(out, self._poison) if m.training else out, prepend=True))
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.rank is not None and trainer.global_rank != self.rank:
+            return
         if not self.fired and not self.after_step and trainer.global_step >= self.at_step:
             self._inject(pl_module)
 
@@ -275,5 +295,28 @@ class FaultInjector(L.Callback):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self.rank is not None and trainer.global_rank != self.rank:
+            return
         if not self.fired and self.after_step and trainer.global_step >= self.at_step:
             self._inject(pl_module)
+
+
+class SendSignal(L.Callback):
+    """Send `signal` (e.g. SIGTERM, a preemption) to this process once training reaches step `at_step`:
+    a preemption at a known point, for tests and `benchmarks/faults.py`. A run resumed past that step
+    (which rebuilds this callback from its saved config) does not send it again."""
+
+    def __init__(self, at_step: int, signal: str = "SIGTERM") -> None:
+        if not hasattr(signals, signal):
+            raise ConfigError(f"SendSignal signal must name a signal such as SIGTERM, got {signal!r}")
+        self.at_step, self.signal = int(at_step), getattr(signals, signal)
+        self._armed = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._armed = trainer.global_step < self.at_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._armed and trainer.global_step >= self.at_step:
+            self._armed = False
+            os.kill(os.getpid(), self.signal)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -10,6 +13,20 @@ from matplotlib.figure import Figure
 import numpy as np
 import torch
 from torch import Tensor
+
+from latentlab.models.base import LatentVariableModel
+
+
+@torch.no_grad()
+def reconstruction(pl_module: Any, x: Tensor, index: Tensor, seed: int = 0) -> Tensor | None:
+    """E[x | z] at z = the mean of the method's Gaussian posterior, else one draw of `posterior(x, index)`;
+    None for a model without p(z) (the denoiser). Draws from its own stream, never the training's."""
+    if not isinstance(pl_module, LatentVariableModel):
+        return None
+    posterior = pl_module.posterior(x, index)
+    gaussian = posterior.gaussian()
+    z = gaussian[0] if gaussian is not None else posterior.sample(1, torch.Generator(x.device).manual_seed(seed))[0]
+    return pl_module.model.likelihood.mean(pl_module.model.decode(z))
 
 
 def tile(images: np.ndarray, nrow: int) -> np.ndarray:
@@ -43,14 +60,39 @@ def save_image_grid(x: Tensor, image_shape: Sequence[int] | None, path: str | Pa
     return grid
 
 
+@contextmanager
+def private_rng(devices: Sequence[torch.device] = ()) -> Iterator[None]:
+    """Run a block without touching any random stream training draws from: torch (CPU and `devices`),
+    numpy and Python's states are restored afterwards. Logging (a DataLoader iterator draws its base seed,
+    AVB draws noise) then leaves a run's result the same with and without the pictures."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    cuda = [d.index if d.index is not None else torch.cuda.current_device() for d in devices if d.type == "cuda"]
+    try:
+        with torch.random.fork_rng(devices=cuda, enabled=True):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+def to_uint8(grid: np.ndarray) -> np.ndarray:
+    """A [0, 1] float picture as uint8 0-255: wandb casts floats to uint8 without scaling (all black)."""
+    return (np.clip(grid, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def is_logger(logger: Any, kind: str) -> bool:
+    """Whether `logger` is Lightning's `kind` (WandbLogger, TensorBoardLogger) or a subclass of it."""
+    return any(cls.__name__ == kind for cls in type(logger).__mro__)
+
+
 def log_image(trainer: L.Trainer, key: str, grid: np.ndarray, step: int) -> None:
-    """Send an image to every logger that takes images (W&B, TensorBoard); CSV has none."""
+    """Send a [0, 1] greyscale picture to every logger that takes images (W&B, TensorBoard); CSV has none."""
+    picture = to_uint8(grid)
     for logger in trainer.loggers:
-        name = type(logger).__name__
-        if name == "WandbLogger":
-            logger.log_image(key=key, images=[grid], step=step)
-        elif name == "TensorBoardLogger":
-            logger.experiment.add_image(key, grid[None], global_step=step, dataformats="CHW")
+        if is_logger(logger, "WandbLogger"):
+            logger.log_image(key=key, images=[picture], step=step)
+        elif is_logger(logger, "TensorBoardLogger"):
+            logger.experiment.add_image(key, picture[None], global_step=step, dataformats="CHW")
 
 
 class ImageGrid(L.Callback):
@@ -63,6 +105,10 @@ class ImageGrid(L.Callback):
     def _write(self, trainer: L.Trainer, pl_module: Any, suffix: str = "") -> None:
         if not trainer.is_global_zero:
             return
+        with private_rng([pl_module.device]):
+            self._draw(trainer, pl_module, suffix)
+
+    def _draw(self, trainer: L.Trainer, pl_module: Any, suffix: str) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         shape = getattr(pl_module, "image_shape", None)
         was_training = pl_module.training
@@ -74,7 +120,7 @@ class ImageGrid(L.Callback):
         batch = next(iter(trainer.datamodule.test_dataloader())) if trainer.datamodule is not None else None
         if batch is not None:
             x, index = batch[0][: self.n // 2].to(pl_module.device), batch[1][: self.n // 2].to(pl_module.device)
-            recon = pl_module.reconstruct(x, index)
+            recon = reconstruction(pl_module, x, index, self.seed)
             if recon is not None:
                 x, recon = x.cpu(), recon.cpu()
                 rows = []  # a row of originals, then the row of their reconstructions

@@ -105,13 +105,13 @@ class LatentDistributionMetrics(L.Callback):
 
 
 @torch.no_grad()
-def latent_positions(pl_module: Any, x: Tensor, index: Tensor) -> Tensor | None:
-    """Where training examples sit in z (batch, d): ALMOND's mean over its persistent chains (as in the
-    paper's figure), otherwise the mean of the method's proposal q(z|x); None without either."""
-    if getattr(pl_module, "chains", None) is not None and bool(pl_module.visited[index].all()):
-        return pl_module.chain_states(index).mean(0)
-    q = pl_module.proposal(x, index)
-    return None if q is None else q.mean
+def latent_positions(pl_module: Any, x: Tensor, index: Tensor, n_draws: int = 16) -> Tensor:
+    """Where examples sit in z (batch, d): the mean of the method's `posterior(x, index)` (q's own mean where it
+    is a Gaussian; else the mean of `n_draws` draws, e.g. over ALMOND's persistent chains, as in its paper's
+    figure). Drawn from a fixed stream, so the picture takes no random numbers from training."""
+    generator = torch.Generator(device=x.device).manual_seed(0)
+    mean, _ = pl_module.posterior(x, index).fitted_gaussian(n_draws, generator)
+    return mean
 
 
 class LatentMap(L.Callback):
@@ -153,8 +153,6 @@ class LatentMap(L.Callback):
         for start in range(0, n, self.batch_size):
             index = torch.arange(start, min(start + self.batch_size, n))
             z = latent_positions(pl_module, x_all[index].to(pl_module.device), index.to(pl_module.device))
-            if z is None:
-                return None
             points.append(z.cpu())
         labels = datamodule.labels("train") if hasattr(datamodule, "labels") else None
         return torch.cat(points).numpy(), None if labels is None else labels[:n].numpy()

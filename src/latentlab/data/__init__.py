@@ -3,6 +3,7 @@
 from latentlab.data.base import IndexedTensorDataset, LatentDataModule, SplitData
 from latentlab.data.digits import DigitsDataModule
 from latentlab.data.mnist import BinarizedMNISTDataModule, FashionMNISTDataModule, MNISTDataModule
+from latentlab.data.ring import GaussianMixture, GaussianRingDataModule
 from latentlab.data.toy import AVBToyDataModule, LinearGaussianDataModule, NormalMeansDataModule
 
 __all__ = [
@@ -16,4 +17,6 @@ __all__ = [
     "AVBToyDataModule",
     "LinearGaussianDataModule",
     "NormalMeansDataModule",
+    "GaussianRingDataModule",
+    "GaussianMixture",
 ]

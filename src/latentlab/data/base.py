@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from latentlab.data.binarize import BINARIZE_MODES, DynamicBinarizer, static_binarize
+from latentlab.data.resumable import ResumableDataLoader, ResumableSampler
 from latentlab.data.seeding import Stream, keyed_generator
 from latentlab.errors import ConfigError, DataError
 
@@ -209,14 +210,26 @@ class LatentDataModule(L.LightningDataModule):
         return batch
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=self.shuffle)
+        """Shuffled per epoch by a keyed stream and resumable mid-epoch (`latentlab.data.resumable`)."""
+        sampler = ResumableSampler(self.num_train, self.seed, shuffle=self.shuffle)
+        return self._loader("train", self.batch_size, sampler=sampler, position=self._train_position)
+
+    def _train_position(self) -> tuple[int, int]:
+        """(epoch, batches of it done) of the trainer's fit loop: what a checkpoint written now resumes at."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if done >= trainer.num_training_batches:  # the epoch is over: resume at the start of the next one
+            return trainer.current_epoch + 1, 0
+        return trainer.current_epoch, done
 
     def val_dataloader(self) -> DataLoader | list:
         """The validation loader, or [] when `val_size` is 0 (Lightning then skips validation)."""
-        return self._loader("val", self.eval_batch_size, shuffle=False) if self.num_val else []
+        return self._loader("val", self.eval_batch_size) if self.num_val else []
 
     def test_dataloader(self) -> DataLoader | list:
-        return self._loader("test", self.eval_batch_size, shuffle=False) if self.num_test else []
+        return self._loader("test", self.eval_batch_size) if self.num_test else []
 
     # ---- public API ----------------------------------------------------------------------------
     def binarize_batch(self, batch: tuple[Tensor, Tensor], epoch: int) -> tuple[Tensor, Tensor]:
@@ -279,15 +292,16 @@ class LatentDataModule(L.LightningDataModule):
         assert self._splits is not None
         return self._splits[split]
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(
+    def _loader(self, split: str, batch_size: int, **kwargs: Any) -> DataLoader:
+        """In order unless a sampler is given; never draws from the global random stream (own generator)."""
+        return ResumableDataLoader(
             IndexedTensorDataset(self._split(split).x),
             batch_size=batch_size,
-            shuffle=shuffle,
             num_workers=self.num_workers,
             collate_fn=collate_batch,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            **kwargs,
         )
 
     def _carve_validation(self, splits: dict[str, SplitData]) -> dict[str, SplitData]:

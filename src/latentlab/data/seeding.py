@@ -21,6 +21,7 @@ class Stream(enum.IntEnum):
     SUBSET = 3
     SPLIT_PERMUTATION = 4
     SYNTHETIC_DATA = 5
+    SHUFFLE = 6  # the training order of each epoch (latentlab.data.resumable)
 
 
 def keyed_generator(seed: int, stream: Stream, *keys: int) -> torch.Generator:

@@ -1,36 +1,18 @@
-"""Evaluation metrics, all usable from Lightning test steps and from `latentlab-eval`.
+"""Evaluation metrics: torchmetrics wrappers of the estimators (`latentlab.estimators`) and sample quality.
 
-- log-likelihood estimators (IS, AIS, BDMC) and the NLL metric (`loglik`);
-- the inference-gap decomposition (`gaps`) and posterior-quality diagnostics + 2-d pictures (`posterior`);
-- sample quality in a per-dataset classifier's feature space: FID, KID, IS, precision/recall
-  (`quality`, classifiers in `classifier`).
+- `loglik`: `MeanAndSE`, the one sum-reduced mean +/- standard error Metric, and `LogLikelihood` (test/nll);
+- `posterior`: the inference-gap and BDMC analyses and the 2-d posterior pictures, through `posterior(x, index)`;
+- `grid`: exact log p(x) and p(z|x) by quadrature for 2-d latents;
+- `quality`: FID, KID, IS, precision/recall in a per-dataset classifier's feature space (`classifier`).
 """
 
 from latentlab.metrics.classifier import DomainClassifier, load_idx_splits, load_or_train_classifier, train_classifier
-from latentlab.metrics.gaps import fit_local_gaussian, gaussian_elbo, gaussian_log_weights, inference_gaps
-from latentlab.metrics.loglik import (
-    AnnealedImportanceSampling,
-    BDMCResult,
-    ImportanceSampling,
-    LogLikelihood,
-    ais_log_likelihood,
-    annealing_schedule,
-    bdmc,
-    fit_gaussian_proposal,
-    importance_sampling_log_likelihood,
-    log_mean_exp,
-    mean_and_se,
-    sample_proposal,
-    simulator_from_model,
-    standard_normal,
-)
+from latentlab.metrics.loglik import LogLikelihood, MeanAndSE
 from latentlab.metrics.posterior import (
     BDMCBounds,
-    GapSettings,
     InferenceGap,
     bdmc_metrics,
-    fitted_gaussian,
-    fitted_gaussian_elbo,
+    gap_terms,
     inference_gap_metrics,
     plot_posterior_pictures,
     posterior_pictures,
@@ -45,41 +27,8 @@ from latentlab.metrics.quality import (
 )
 
 __all__ = [
-    "AnnealedImportanceSampling",
-    "BDMCBounds",
-    "BDMCResult",
-    "ClassifierFID",
-    "ClassifierIS",
-    "ClassifierKID",
-    "DomainClassifier",
-    "GapSettings",
-    "ImportanceSampling",
-    "InferenceGap",
-    "LogLikelihood",
-    "PrecisionRecall",
-    "SampleQuality",
-    "ais_log_likelihood",
-    "annealing_schedule",
-    "bdmc",
-    "bdmc_metrics",
-    "fit_gaussian_proposal",
-    "fit_local_gaussian",
-    "fitted_gaussian",
-    "fitted_gaussian_elbo",
-    "gaussian_elbo",
-    "gaussian_log_weights",
-    "importance_sampling_log_likelihood",
-    "inference_gap_metrics",
-    "inference_gaps",
-    "load_idx_splits",
-    "load_or_train_classifier",
-    "log_mean_exp",
-    "mean_and_se",
-    "plot_posterior_pictures",
-    "posterior_pictures",
-    "sample_proposal",
-    "sample_quality",
-    "simulator_from_model",
-    "standard_normal",
+    "BDMCBounds", "ClassifierFID", "ClassifierIS", "ClassifierKID", "DomainClassifier", "InferenceGap", "LogLikelihood",
+    "MeanAndSE", "PrecisionRecall", "SampleQuality", "bdmc_metrics", "gap_terms", "inference_gap_metrics",
+    "load_idx_splits", "load_or_train_classifier", "plot_posterior_pictures", "posterior_pictures", "sample_quality",
     "train_classifier",
 ]

@@ -75,16 +75,10 @@ def grid_posterior(model: GenerativeModel, x: Tensor, limit: float = 6.0, resolu
 
 
 @torch.no_grad()
-def posterior_samples(module: Any, x: Tensor, index: Tensor | None, n: int) -> Tensor | None:
-    """n draws (n, batch, d) of the method's own approximate posterior, if it has one: the
-    `posterior_draws` hook of LatentVariableModel (AVB's encoder, ALMOND's chains, the VAE's q),
-    else an explicit `proposal`."""
-    draws = getattr(module, "posterior_draws", None)
-    if callable(draws):
-        return draws(x, index, n)
-    proposal = getattr(module, "proposal", None)
-    q = proposal(x, index) if callable(proposal) else None
-    return q.sample((n,)) if q is not None else None
+def posterior_samples(module: Any, x: Tensor, index: Tensor | None, n: int,
+                      generator: torch.Generator | None = None) -> Tensor:
+    """n draws (n, batch, d) of the method's own approximate posterior, `module.posterior(x, index)`."""
+    return module.posterior(x, index).sample(n, generator)
 
 
 def plot_posteriors(path: str | Path, exact: Tensor, axis: Tensor, samples: Tensor | None = None,
@@ -141,7 +135,7 @@ class PosteriorGrid(L.Callback):
 
     @staticmethod
     def _applies(pl_module: Any) -> bool:
-        return getattr(getattr(pl_module, "model", None), "latent_dim", None) == 2
+        return pl_module.model.latent_dim == 2
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         self._x, self._index = [], []
@@ -170,7 +164,7 @@ class PosteriorGrid(L.Callback):
         exact, axis = grid_posterior(pl_module.model, x, self.limit, self.resolution)
         samples = posterior_samples(pl_module, x, index, self.n_samples)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        plot_posteriors(self.output_dir / self.filename, exact, axis, samples, title=f"{getattr(pl_module, 'method', '')}")
+        plot_posteriors(self.output_dir / self.filename, exact, axis, samples, title=pl_module.method)
 
 
 def _first_distinct(x: Tensor, n: int) -> Tensor:

@@ -1,29 +1,41 @@
 """The thin shared base of every method: builds p(x, z), evaluates log p(x), saves what eval needs.
 
-A method subclass supplies `training_step`, `evaluate_batch` (its own bound/diagnostics) and, if it
-has one, a `proposal(x, index)` for importance sampling. Everything else (optimisers from Hydra
-partials, the log-likelihood estimator, sampling, reconstructions, checkpoint metadata) lives here
-once, so a new method is one file.
+A method subclass implements (the list is complete):
+
+- `posterior(x, index) -> latentlab.posterior.Posterior`: its approximate posterior for a batch (`index`:
+  the examples' dataset positions, for methods with per-example state). The only hook the evaluator uses.
+- `training_step(batch, batch_idx)`; optionally `evaluate_batch(x, index)` (its own val/test diagnostics).
+- `named_parts`: names of its nn.Module attributes besides the decoder (e.g. ("encoder",)), for messages
+  and `callbacks.compile`.
+
+It gets: `self.model` (the GenerativeModel), optimisers from Hydra partials, val/test log p(x) by the one
+protocol of `latentlab.estimators.estimate_log_px` (settings `conf/eval/nll/`), sampling and checkpoint metadata.
 """
 
 from __future__ import annotations
 
+import logging
+from abc import abstractmethod
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import lightning.pytorch as L
 import torch
 from torch import Tensor
-from torch.distributions import Distribution
 
 import latentlab
 from latentlab.errors import ConfigError
+from latentlab.estimators import CONVERGENCE_FLAG_NATS, LogPxEstimate, NLLSettings, estimate_log_px
 from latentlab.generative import GenerativeModel
 from latentlab.likelihoods import BernoulliLikelihood, GaussianLikelihood, Likelihood
+from latentlab.metrics.loglik import LogLikelihood
 from latentlab.nets import NetSpec, build_decoder
+from latentlab.posterior import Posterior
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., Any]
+STAGE_IDS = {"val": 1, "test": 2}
+latentlab_log = logging.getLogger("latentlab")
 
 
 def _plain(obj: Any) -> Any:
@@ -72,50 +84,11 @@ class LikelihoodSpec:
         return GaussianLikelihood(data_dim, self.variance, self.learn_variance, self.per_sample)
 
 
-@dataclass
-class EvalSpec:
-    """How log p(x) is estimated on validation/test.
-
-    `estimator`: `auto` (importance sampling with the method's proposal when it has one, else AIS),
-    `is`, or `ais`. `k`: importance samples per example (IWAE-style bound, tightens with k).
-    AIS: `ais_steps` intermediate distributions, `ais_chains` chains, `ais_leapfrog` HMC leapfrog steps.
-    `val_every_n_epochs`: the NLL is costly; 0 disables it on validation (test always runs it).
-    `max_batches`: evaluate log p(x) on at most this many batches per val/test epoch (None: all).
-    `ais_init`: AIS's starting distribution q0: `prior` N(0, I), or `posterior`, a Gaussian from the
-    method's own posterior (its proposal, else fitted to `posterior_draws`) as in the AVB paper's
-    evaluation; the closer q0 is to p(z|x), the fewer annealing steps AIS needs.
-    """
-
-    estimator: str = "auto"
-    k: int = 100
-    chunk_size: int = 100
-    ais_steps: int = 100
-    ais_chains: int = 4
-    ais_leapfrog: int = 5
-    val_every_n_epochs: int = 1
-    max_batches: int | None = None
-    ais_init: str = "prior"
-
-    def __post_init__(self) -> None:
-        if self.estimator not in ("auto", "is", "ais"):
-            raise ConfigError(f"model.eval.estimator must be one of auto|is|ais, got {self.estimator!r}")
-        if self.ais_init not in ("prior", "posterior"):
-            raise ConfigError(f"model.eval.ais_init must be prior|posterior, got {self.ais_init!r}")
-        for key in ("k", "chunk_size", "ais_steps", "ais_chains", "ais_leapfrog"):
-            if int(getattr(self, key)) < 1:
-                raise ConfigError(f"model.eval.{key} must be >= 1, got {getattr(self, key)}")
-
-    @classmethod
-    def coerce(cls, spec: "EvalSpec | Mapping[str, Any] | None") -> "EvalSpec":
-        if spec is None:
-            return cls()
-        return spec if isinstance(spec, cls) else cls(**dict(spec))
-
-
 class LatentVariableModel(L.LightningModule):
-    """Base LightningModule: owns `self.model` (a GenerativeModel) and the shared evaluation."""
+    """Base LightningModule: owns `self.model` (a GenerativeModel) and the shared evaluation (module docstring)."""
 
     method: str = "base"
+    named_parts: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -126,7 +99,6 @@ class LatentVariableModel(L.LightningModule):
         likelihood: LikelihoodSpec | Mapping[str, Any] | str | None = None,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
-        eval: EvalSpec | Mapping[str, Any] | None = None,  # noqa: A002 - the config key users type
     ) -> None:
         super().__init__()
         if int(latent_dim) <= 0:
@@ -137,135 +109,75 @@ class LatentVariableModel(L.LightningModule):
         self.image_shape = tuple(int(s) for s in image_shape) if image_shape is not None else None
         self.net_spec = NetSpec.coerce(_plain(net))
         self.likelihood_spec = LikelihoodSpec.coerce(_plain(likelihood))
-        self.eval_spec = EvalSpec.coerce(_plain(eval))
         self.optimizer_factory = optimizer or torch.optim.Adam
         self.scheduler_factory = scheduler
         check_optimizer_factory(self.optimizer_factory)
         lik = self.likelihood_spec.build(self.data_dim)
         decoder = build_decoder(self.net_spec, self.latent_dim, self.data_dim * lik.param_multiplier, self.image_shape)
         self.model = GenerativeModel(decoder, lik, self.latent_dim)
-        from latentlab.metrics.loglik import LogLikelihood
-
         self.val_loglik = LogLikelihood()
         self.test_loglik = LogLikelihood()
+        self.nll_settings: dict[str, NLLSettings] = {"val": NLLSettings.preset("fast"), "test": NLLSettings.preset("standard")}
+        self.nll_report: dict[str, dict[str, str]] = {}  # stage -> how its nll was obtained (estimator, budget)
+        self.eval_seed = 0
         self.run_config: dict[str, Any] | None = None  # the resolved Hydra config, saved in checkpoints
 
-    # ----- things a method provides -------------------------------------------------------------
-    def proposal(self, x: Tensor, index: Tensor | None = None) -> Distribution | None:
-        """A distribution over z with batch shape (batch,) for importance sampling, or None."""
-        return None
+    # ----- what a method provides -------------------------------------------------------------
+    @abstractmethod
+    def posterior(self, x: Tensor, index: Tensor | None = None) -> Posterior:
+        """The method's approximate posterior over z for the batch x (see latentlab.posterior)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement posterior(x, index)")
 
     def evaluate_batch(self, x: Tensor, index: Tensor) -> dict[str, Tensor]:
         """Per-batch means of the method's own diagnostics (e.g. `elbo`, `kl`, `recon`)."""
         return {}
 
-    def posterior_draws(self, x: Tensor, index: Tensor | None, n: int,
-                        generator: torch.Generator | None = None) -> Tensor | None:
-        """n draws (n, batch, d) from the method's own posterior approximation, or None without one.
-
-        The evaluator's window into a method's posterior (pictures, Gaussian fits, AIS starts). The
-        default samples `proposal`; implicit or sampling-based methods override it.
-        """
-        from latentlab.metrics.loglik import sample_proposal
-
-        with torch.no_grad():
-            q = self.proposal(x, index)
-        return None if q is None else sample_proposal(q, n, generator)
-
-    def amortized_gaussian(self, x: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
-        """(mu, log_var) (batch, d) of an amortized diagonal-Gaussian posterior, or None.
-
-        Methods that have one get the Cremer et al. split of the inference gap: the per-example
-        Gaussian optimisation starts here, and its gain over this Gaussian is the amortization gap.
-        """
-        return None
-
-    def elbo_estimate(self, x: Tensor, index: Tensor | None = None, k: int = 100,
-                      generator: torch.Generator | None = None) -> Tensor | None:
-        """The method's own per-example lower bound on log p(x), (batch,), from k samples; None without one.
-
-        log p(x) minus this is the method's inference gap. Default: the ELBO of `amortized_gaussian`.
-        """
-        gaussian = self.amortized_gaussian(x, index)
-        if gaussian is None:
-            return None
-        from latentlab.metrics.gaps import gaussian_elbo
-
-        with torch.no_grad():
-            return gaussian_elbo(self.model.log_joint, x, *gaussian, k=k, generator=generator)
-
-    def ais_start(self, x: Tensor, index: Tensor | None = None, n: int = 256) -> Distribution | None:
-        """q0 for AIS per `eval_spec.ais_init`: None (the prior), or from the method's posterior: its
-        proposal if it has one, else a diagonal Gaussian fitted to n `posterior_draws`."""
-        if self.eval_spec.ais_init == "prior":
-            return None
-        from latentlab.metrics.loglik import fit_gaussian_proposal
-
-        with torch.no_grad():
-            q = self.proposal(x, index)
-            if q is not None:
-                return q
-            draws = self.posterior_draws(x, index, n)
-        return None if draws is None else fit_gaussian_proposal(draws)
-
-    @torch.no_grad()
-    def reconstruct(self, x: Tensor, index: Tensor | None = None) -> Tensor:
-        """E[x | z] for one posterior draw of z given x; methods without an encoder may return None."""
-        q = self.proposal(x, index)
-        if q is None:
-            return None  # type: ignore[return-value]
-        return self.model.likelihood.mean(self.model.decode(q.mean))
-
     def components(self) -> dict[str, torch.nn.Module]:
-        """The method's named parts, so a numerical fault can be reported as "in the decoder" rather than
-        as a parameter name: the decoder, a learned likelihood, and any `encoder`/`discriminator`.
-        A method with other parts overrides this (keeping the names users know from the papers)."""
+        """The named parts, so a numerical fault reads "in the decoder" rather than a parameter name: the
+        decoder, a learned likelihood, and the attributes listed in the class's `named_parts`."""
         parts: dict[str, torch.nn.Module] = {"decoder": self.model.decoder}
         if any(True for _ in self.model.likelihood.parameters()):
             parts["likelihood"] = self.model.likelihood
-        for name in ("encoder", "discriminator"):
-            module = getattr(self, name, None)
-            if isinstance(module, torch.nn.Module):
-                parts[name] = module
+        for name in self.named_parts:
+            parts[name] = getattr(self, name)
         return parts
 
     # ----- shared evaluation ------------------------------------------------------------------
-    def nll_estimator(self) -> str:
-        est = self.eval_spec.estimator
-        if est == "auto":
-            return "is" if type(self).proposal is not LatentVariableModel.proposal else "ais"
-        return est
+    def configure_evaluation(self, val: NLLSettings | Mapping[str, Any] | str | None = None,
+                             test: NLLSettings | Mapping[str, Any] | str | None = None, seed: int | None = None) -> None:
+        """Set the log p(x) budgets of validation and test (conf: `eval.val_nll`, `eval.nll`) and the seed of
+        the evaluation's own random stream (never the training's)."""
+        if val is not None:
+            self.nll_settings["val"] = NLLSettings.coerce(_plain(val))
+        if test is not None:
+            self.nll_settings["test"] = NLLSettings.coerce(_plain(test))
+        if seed is not None:
+            self.eval_seed = int(seed)
 
-    def log_px(self, x: Tensor, index: Tensor | None = None, estimator: str | None = None,
-               generator: torch.Generator | None = None) -> Tensor:
-        """Per-example estimate of log p(x) (nats) with the configured estimator (or `estimator`: is|ais)."""
-        from latentlab.metrics.loglik import ais_log_likelihood, importance_sampling_log_likelihood
+    def eval_generator(self, stage: str, batch_idx: int, device: torch.device) -> torch.Generator:
+        """The evaluation's own stream keyed on (seed, stage, epoch, batch, rank): reproducible on resume."""
+        key = (self.eval_seed, STAGE_IDS.get(stage, 0), self.current_epoch if self._trainer else 0, batch_idx,
+               self.global_rank if self._trainer else 0)
+        return torch.Generator(device=device).manual_seed(hash(key) % (2**62))
 
-        spec = self.eval_spec
-        if (estimator or self.nll_estimator()) == "is":
-            with torch.no_grad():
-                q = self.proposal(x, index)
-            if q is None:
-                raise ConfigError(f"model.eval.estimator=is needs a proposal, and {self.method} has none here; use ais")
-            with torch.no_grad():
-                return importance_sampling_log_likelihood(self.model.log_joint, q, x, k=spec.k, chunk_size=spec.chunk_size,
-                                                          generator=generator)
-        log_px, _ = ais_log_likelihood(self.model.log_joint, x, n_steps=spec.ais_steps, n_chains=spec.ais_chains,
-                                       leapfrog_steps=spec.ais_leapfrog, init=self.ais_start(x, index),
-                                       generator=generator, return_diagnostics=False)
-        return log_px
+    def log_px(self, x: Tensor, index: Tensor | None = None, stage: str = "test",
+               generator: torch.Generator | None = None) -> LogPxEstimate:
+        """log p(x) per example by the protocol with `stage`'s settings; the one way val, test and eval get it."""
+        return estimate_log_px(self.model, x, self.posterior(x, index), self.nll_settings[stage], generator)
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, stage: str) -> None:
         x, index = batch
         stats = self.evaluate_batch(x, index)
         for name, value in stats.items():
             self.log(f"{stage}/{name}", value, on_step=False, on_epoch=True, batch_size=x.shape[0], sync_dist=True)
-        metric = self.val_loglik if stage == "val" else self.test_loglik
         if self._nll_due(stage, batch_idx):
-            metric.update(self.log_px(x, index).detach())
+            estimate = self.log_px(x, index, stage, self.eval_generator(stage, batch_idx, x.device))
+            (self.val_loglik if stage == "val" else self.test_loglik).update(estimate.log_px, estimate.log_px_half)
+            self.nll_report[stage] = {"estimator": estimate.estimator, "budget": estimate.budget,
+                                      "settings": self.nll_settings[stage].name}
 
     def _nll_due(self, stage: str, batch_idx: int) -> bool:
-        spec = self.eval_spec
+        spec = self.nll_settings[stage]
         if spec.max_batches is not None and batch_idx >= spec.max_batches:
             return False
         if stage == "val":
@@ -275,11 +187,22 @@ class LatentVariableModel(L.LightningModule):
 
     def _log_loglik(self, stage: str) -> None:
         metric = self.val_loglik if stage == "val" else self.test_loglik
-        if int(metric.count) > 0:
+        if metric.count > 0:
             result = metric.compute()
-            self.log(f"{stage}/nll", result["nll"], sync_dist=False)
-            self.log(f"{stage}/nll_se", result["nll_se"], sync_dist=False)
+            for name, value in result.items():
+                self.log(f"{stage}/{name}", value, sync_dist=False)
+            half_gap = result.get("nll_half_gap", 0.0)
+            if stage == "test" or half_gap > CONVERGENCE_FLAG_NATS:
+                report = self.nll_report.get(stage, {})
+                flag = " NOT CONVERGED (> %.1f nats)" % CONVERGENCE_FLAG_NATS if half_gap > CONVERGENCE_FLAG_NATS else ""
+                latentlab_log.info("%s/nll %.4f +/- %.4f by %s (%s); half-budget minus full: %.3f nats%s", stage,
+                                   result["nll"], result["nll_se"], report.get("budget", "?"), report.get("settings", "?"),
+                                   half_gap, flag)
         metric.reset()
+
+    def evaluation_record(self, stage: str = "test") -> dict[str, str]:
+        """How `stage/nll` was obtained, for metrics.json: `<stage>/nll_estimator`, `_budget`, `_settings`."""
+        return {f"{stage}/nll_{key}": value for key, value in self.nll_report.get(stage, {}).items()}
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, "val")
@@ -299,8 +222,17 @@ class LatentVariableModel(L.LightningModule):
         return self.model.sample(n, generator=generator)
 
     # ----- optimisation -----------------------------------------------------------------------
+    def logging_step(self) -> bool:
+        """Whether per-step training metrics are logged now: on the steps the loggers write
+        (`trainer.log_every_n_steps`) and each epoch's last batch. Logging only then saves `self.log`'s
+        bookkeeping and, on a GPU, the host sync of the progress bar reading the value, on the other steps."""
+        trainer = self._trainer
+        return trainer is None or trainer.is_last_batch or trainer._logger_connector.should_update_logs
+
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.parameters())
+        from latentlab.optim import build_optimizer  # fused kernel by default: exact, ~4x faster step
+
+        optimizer = build_optimizer(self.optimizer_factory, self.parameters())
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}}

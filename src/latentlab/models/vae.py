@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 from torch import Tensor
 
 from latentlab.errors import ConfigError
-from latentlab.models.base import EvalSpec, LatentVariableModel, LikelihoodSpec, OptimizerFactory, SchedulerFactory
+from latentlab.models.base import LatentVariableModel, LikelihoodSpec, OptimizerFactory, SchedulerFactory
 from latentlab.nets import NetSpec
 from latentlab.nets.gaussian import GaussianEncoder, elbo_terms
 from latentlab.posterior import GaussianPosterior
@@ -32,22 +32,20 @@ class VAE(LatentVariableModel):
         likelihood: LikelihoodSpec | Mapping[str, Any] | str | None = None,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
-        eval: EvalSpec | Mapping[str, Any] | None = None,  # noqa: A002
         num_samples: int = 1,
         beta: float = 1.0,
         kl_warmup_epochs: float = 0.0,
         min_log_var: float = -12.0,
     ) -> None:
-        super().__init__(data_dim, latent_dim, image_shape, net, likelihood, optimizer, scheduler, eval)
+        super().__init__(data_dim, latent_dim, image_shape, net, likelihood, optimizer, scheduler)
         if int(num_samples) < 1:
             raise ConfigError(f"model.num_samples must be >= 1, got {num_samples}")
         if beta < 0 or kl_warmup_epochs < 0:
             raise ConfigError(f"model.beta and model.kl_warmup_epochs must be >= 0, got {beta}, {kl_warmup_epochs}")
         self.num_samples, self.beta, self.kl_warmup_epochs = int(num_samples), float(beta), float(kl_warmup_epochs)
         self.encoder = GaussianEncoder.build(self.net_spec, self.data_dim, self.latent_dim, self.image_shape, min_log_var)
-        self.save_hyperparameters(ignore=["optimizer", "scheduler", "net", "likelihood", "eval"])
-        self.hparams.update(net=self.net_spec.to_dict(), likelihood=vars(self.likelihood_spec).copy(),
-                            eval=vars(self.eval_spec).copy())
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "net", "likelihood"])
+        self.hparams.update(net=self.net_spec.to_dict(), likelihood=vars(self.likelihood_spec).copy())
 
     def posterior(self, x: Tensor, index: Tensor | None = None) -> GaussianPosterior:
         """q(z|x) under the posterior contract: a density, the amortized Gaussian and the exact-KL ELBO."""
@@ -64,7 +62,8 @@ class VAE(LatentVariableModel):
         x, _ = batch
         recon, kl = elbo_terms(self.encoder, partial(self.model.log_likelihood, x), x, self.num_samples)
         loss = -(recon - self.kl_weight() * kl).mean()
-        self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
+        if self.logging_step():
+            self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
         return loss
 
     def evaluate_batch(self, x: Tensor, index: Tensor) -> dict[str, Tensor]:

@@ -14,6 +14,7 @@ from latentlab.samplers.langevin import (
     LogProb,
     NoiseLogProb,
     SamplerResult,
+    sampler_preset,
     value_and_grad,
 )
 
@@ -26,6 +27,7 @@ __all__ = [
     "LogProb",
     "NoiseLogProb",
     "value_and_grad",
+    "sampler_preset",
     "rhat",
     "effective_sample_size",
 ]

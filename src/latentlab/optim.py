@@ -1,0 +1,56 @@
+"""Optimisers from config partials, with the fast exact implementation chosen by default.
+
+PyTorch's Adam/AdamW/SGD/Adagrad default to a per-parameter Python loop on CPU (`foreach` is only the
+default on CUDA). Their `fused=True` kernels do the same update in one pass over each parameter, on
+CPU and CUDA: on the 784-512-512-(2x32) VAE an Adam step takes about 0.9 ms instead of 5 ms on one core,
+a fifth of a training step (see `benchmarks/vae_mnist.py --breakdown`). Same algorithm, same state_dict
+layout; the parameters agree with the loop's to float rounding (3e-7 after 20 steps).
+
+A user's explicit `fused` or `foreach` (e.g. `+model.optimizer.fused=false`) is always kept.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+#: devices whose fused optimiser kernels PyTorch ships
+FUSED_DEVICES = ("cpu", "cuda")
+
+
+def _accepts(factory: Callable[..., Any], name: str) -> bool:
+    target = factory.func if isinstance(factory, functools.partial) else factory
+    try:
+        return name in inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _given(factory: Callable[..., Any], name: str) -> bool:
+    return isinstance(factory, functools.partial) and name in (factory.keywords or {})
+
+
+def build_optimizer(factory: Callable[..., torch.optim.Optimizer], params: Iterable[Any]) -> torch.optim.Optimizer:
+    """`factory(params)`, plus `fused=True` when the optimiser has a fused kernel for these parameters
+    (float tensors on CPU or CUDA, all on one device type) and the config chose neither `fused` nor `foreach`."""
+    params = [{**g, "params": list(g["params"])} if isinstance(g, dict) else g for g in params]
+    tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+    fusable = (
+        bool(tensors)
+        and _accepts(factory, "fused")
+        and not _given(factory, "fused")
+        and not _given(factory, "foreach")
+        and len({p.device.type for p in tensors}) == 1
+        and tensors[0].device.type in FUSED_DEVICES
+        and all(p.is_floating_point() for p in tensors)
+    )
+    if not fusable:
+        return factory(params)
+    try:
+        return factory(params, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # e.g. a dtype or option the fused kernel refuses
+        return factory(params)

@@ -1,0 +1,37 @@
+"""Keyed random streams, the one RNG module of the project: a generator per (seed, purpose, ...) key.
+
+numpy's `SeedSequence` hashes a tuple of non-negative integers into a well-mixed seed (its purpose is exactly
+this: independent streams from structured keys), so every draw is a function of its key alone (seed, purpose,
+epoch, batch, rank), never of call order: a resumed run draws what the uninterrupted one would. The purpose
+(`Stream`) is always the second key, so streams of different purposes never coincide.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+import torch
+
+#: the split ids that key per-split streams (data subsets, binarization, ALMOND's evaluation chains)
+SPLIT_IDS: dict[str, int] = {"train": 0, "val": 1, "test": 2, "predict": 3}
+
+
+class Stream(enum.IntEnum):
+    """What a keyed stream is for (the second key of every key tuple)."""
+
+    STATIC_BINARIZATION = 1
+    DYNAMIC_BINARIZATION = 2
+    SUBSET = 3
+    SPLIT_PERMUTATION = 4
+    SYNTHETIC_DATA = 5
+    SHUFFLE = 6  # the training order of each epoch (latentlab.data.resumable)
+    LANGEVIN_TRAIN = 7  # ALMOND: E-step noise, chain initialisation, warm-up reparameterisation
+    LANGEVIN_EVAL = 8  # ALMOND: fresh chains of examples without persistent ones
+    WARMUP_ELBO = 9  # ALMOND: the warm-up encoder's validation ELBO
+
+
+def keyed_generator(*keys: int, device: torch.device | str | None = None) -> torch.Generator:
+    """A generator on `device` (default CPU) seeded by a hash of the non-negative integer `keys`."""
+    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator(device=device or "cpu").manual_seed(int(state))

@@ -1,0 +1,77 @@
+"""The estimator layer as a layer: it imports no method, Lightning or Hydra, and its one protocol
+(`estimate_log_px`) picks IS for posteriors with a density and AIS from the fitted Gaussian otherwise,
+reporting estimator, budget and the half-budget convergence diagnostic."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+
+import torch
+
+from latentlab.analytic import LinearGaussian
+from latentlab.estimators import CONVERGENCE_FLAG_NATS, NLLSettings, estimate_log_px
+from latentlab.metrics import LogLikelihood
+from latentlab.posterior import GaussianPosterior, SamplePosterior
+from latentlab import report
+
+N_SE = 4.0
+
+
+def test_estimators_import_no_method_lightning_or_hydra() -> None:
+    code = ("import sys, json, latentlab.estimators; print(json.dumps(sorted(m for m in sys.modules if "
+            "m.startswith(('latentlab.models', 'lightning', 'pytorch_lightning', 'hydra')))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def _setup(n: int = 16):
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(6, 2, generator=g, dtype=torch.float64) * (torch.arange(6)[:, None] * 2 // 6 == torch.arange(2))
+    lg = LinearGaussian(W, torch.randn(6, generator=g, dtype=torch.float64), 0.5)
+    model = lg.to_model().double()
+    model.likelihood.log_var.fill_(math.log(0.5))
+    x, _ = lg.sample(n, generator=g)
+    mean, cov = lg.posterior(x)
+    return lg, model, x, mean, cov.diagonal().log().expand_as(mean)
+
+
+def test_protocol_picks_is_for_a_density_and_ais_from_the_fit_otherwise() -> None:
+    lg, model, x, mean, log_var = _setup()
+    truth = lg.log_marginal(x)
+    settings = replace(NLLSettings.preset("fast"), ais_steps=5, ais_chains=4, ais_leapfrog=2)
+    # the exact (diagonal) posterior as a Gaussian: IS weights are constant, both budgets exact
+    est = estimate_log_px(model, x, GaussianPosterior(mean, log_var), settings, torch.Generator().manual_seed(1))
+    assert est.estimator == "is" and est.budget == "is k=100"
+    assert torch.allclose(est.log_px, truth, atol=1e-9) and torch.allclose(est.log_px_half, truth, atol=1e-9)
+    # the same posterior known only by draws: AIS from the Gaussian fitted to them; with many draws the fit is
+    # the posterior up to O(1/sqrt(fit_draws)), and AIS stays a (near-exact) stochastic lower bound
+    exact = GaussianPosterior(mean, log_var)
+    draws = SamplePosterior(lambda n, g: exact.sample(n, g))
+    est = estimate_log_px(model, x, draws, replace(settings, fit_draws=4000), torch.Generator().manual_seed(2))
+    assert est.estimator == "ais" and est.budget.startswith("ais 5x4 L=2 from posterior")
+    gap = truth - est.log_px
+    assert float(gap.mean()) > -N_SE * float(gap.std()) / math.sqrt(gap.numel())
+    assert float(gap.abs().max()) < 0.05
+    # the metric turns the two budgets into nll, nll_se and the diagnostic, by sums only
+    metric = LogLikelihood()
+    metric.update(est.log_px[:7], est.log_px_half[:7])
+    metric.update(est.log_px[7:], est.log_px_half[7:])
+    out = metric.compute()
+    assert abs(out["nll"] + float(est.log_px.double().mean())) < 1e-9
+    assert abs(out["nll_half_gap"] - float((est.log_px - est.log_px_half).mean())) < 1e-9
+
+
+def test_metrics_md_groups_signs_and_flags() -> None:
+    assert report.CONVERGENCE_FLAG_NATS == CONVERGENCE_FLAG_NATS
+    record = {"test/nll": 27.49, "test/nll_se": 0.3, "test/gap_log_px": -28.75, "test/inference_gap": 1.2,
+              "test/fid": 3.0, "test/nll_budget": "ais 500x4 L=5 from posterior", "test/nll_settings": "standard",
+              "test/nll_half_gap": 0.25, "method": "avb"}
+    md = report.metrics_markdown(record, "avb")
+    assert md.index("## Likelihood") < md.index("## Bounds and gaps") < md.index("## Sample quality")
+    assert "28.7500" in md and "-28.75" not in md  # one sign per group: bounds shown as NLLs
+    assert "NOT comparable to Inception" in md and "NOT CONVERGED" in md and "ais 500x4" in md
+    assert "NOT CONVERGED" not in report.metrics_markdown({**record, "test/nll_half_gap": 0.02})

@@ -1,0 +1,100 @@
+"""`latentlab-sample` end to end on tiny digits runs: samples, inpainting, denoising, for a latent model and a
+denoiser; bad input ends with one line and exit status 2 before anything is written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from latentlab import api
+from latentlab.builders import compose_config
+from latentlab.errors import ConfigError
+from latentlab.sample import sample
+
+TINY = ["data.train_subset=200", "data.val_subset=50", "data.test_subset=50", "trainer.max_epochs=1",
+        "logger=none", "callbacks.image_grid=null", "data.binarize=none"]
+
+
+RUNS = {"vae": ["model=vae", "model.latent_dim=4", *TINY],
+        "denoiser": ["model=denoiser", "model.n_levels=4", "model.sampler.n_levels=4", "model.sampler.n_steps=5", *TINY]}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """method -> last.ckpt of a one-epoch run, trained on first use."""
+    root = tmp_path_factory.mktemp("runs")
+
+    class Lazy(dict):
+        def __missing__(self, method: str) -> Path:
+            _, run_dir = api.train(RUNS[method], run_dir=root / method)
+            self[method] = run_dir / "checkpoints" / "last.ckpt"
+            return self[method]
+
+    return Lazy()
+
+
+def run_sample(tmp_path: Path, ckpt: Path, *overrides: str) -> tuple[dict[str, np.ndarray], dict]:
+    out = tmp_path / "out.npz"
+    cfg = compose_config([f"ckpt_path={api.quote(str(ckpt))}", f"out={api.quote(str(out))}", "latent_sampler.n_steps=20",
+                          *overrides], output_dir=tmp_path, config_name="sample")
+    sample(cfg)
+    with np.load(out) as arrays:
+        data = {k: arrays[k] for k in arrays.files}
+    return data, json.loads(out.with_suffix(".json").read_text())
+
+
+@pytest.mark.parametrize("method", ["vae", "denoiser"])
+def test_samples_are_shaped_like_the_data_with_a_picture(method: str, checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    arrays, record = run_sample(tmp_path, checkpoints[method], "n=6")
+    assert list(arrays) == ["x"] and arrays["x"].shape == (6, 1, 8, 8) and np.isfinite(arrays["x"]).all()
+    assert (tmp_path / "out.png").is_file() and record["method"] == method
+
+
+@pytest.mark.parametrize("method", ["vae", "denoiser"])
+@pytest.mark.parametrize("task", ["task=inpaint mask=bottom_half", "task=inpaint mask=random", "task=denoise noise=0.3"])
+def test_inverse_problems_write_x_y_target_mask_and_hidden_pixel_metrics(method: str, task: str,
+                                                                         checkpoints: dict[str, Path],
+                                                                         tmp_path: Path) -> None:
+    arrays, record = run_sample(tmp_path, checkpoints[method], "n=5", *task.split())
+    assert set(arrays) == {"x", "y", "target", "mask"}
+    assert all(a.shape == (5, 1, 8, 8) for a in arrays.values())
+    name = task.split()[0].split("=")[1]
+    assert record[f"{name}/mse"] > 0 and f"{name}/mean_image_mse" in record and f"{name}/psnr" in record
+    seen = arrays["mask"] == 1
+    if name == "inpaint":  # observed pixels are kept exactly, and they are the original ones
+        assert np.array_equal(arrays["x"][seen], arrays["target"][seen]) and 0 < seen.mean() < 1
+    else:
+        assert seen.all() and not np.allclose(arrays["y"], arrays["target"])
+
+
+def test_red_solver_for_denoisers(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    arrays, record = run_sample(tmp_path, checkpoints["denoiser"], "n=4", "task=inpaint", "mask=left_half", "solver=red")
+    seen = arrays["mask"] == 1
+    assert np.isfinite(arrays["x"]).all() and np.array_equal(arrays["x"][seen], arrays["target"][seen])
+    assert record["inpaint/mse"] > 0
+
+
+@pytest.mark.parametrize("bad, message", [("task=paint", "task='paint' is not a task"),
+                                          ("solver=admm", "solver='admm' is not a solver"),
+                                          ("task=inpaint mask=top_half", "mask='top_half' is not a mask"),
+                                          ("out=samples.png", "must name a .npz file")])
+def test_bad_requests_are_refused_before_the_checkpoint_is_read(bad: str, message: str, tmp_path: Path) -> None:
+    cfg = compose_config(["ckpt_path=/nonexistent.ckpt", *bad.split()], output_dir=tmp_path, config_name="sample")
+    with pytest.raises(ConfigError, match=message):
+        sample(cfg)
+
+
+def test_cli_bad_mask_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "latentlab.sample", "ckpt_path=/nonexistent.ckpt", "task=inpaint",
+                           "mask=diagonal", f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("latentlab: error: mask='diagonal' is not a mask") and len(
+        [line for line in lines if line.startswith("latentlab: error")]) == 1
+    assert not (tmp_path / "run").exists()
