@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from latentlab.data import MNISTDataModule
 from latentlab.models import ALMOND, VAE
+from latentlab.samplers import ULA
 
 
 def hand_written_ula(decoder: torch.nn.Module, x: torch.Tensor, z: torch.Tensor, step: float, n_steps: int,
@@ -96,7 +97,7 @@ def main() -> None:
     dm.prepare_data()
     dm.setup("fit")
     common = dict(data_dim=784, latent_dim=args.latent_dim, image_shape=(1, 28, 28), net=net)
-    almond = ALMOND(**common, n_chains=args.chains, langevin_steps=args.steps, step_size=args.step_size,
+    almond = ALMOND(**common, n_chains=args.chains, sampler=ULA(args.step_size, args.steps),
                     step_size_decay=False, num_train=dm.num_train).to(device)
 
     # ----- 1. one E-step against the hand-written floor ----------------------------------------------
@@ -122,7 +123,7 @@ def main() -> None:
 
     # ----- 2. one epoch of ALMOND (Langevin phase) against one epoch of the VAE -----------------------
     vae = VAE(**common)
-    almond_epoch = ALMOND(**common, n_chains=args.chains, langevin_steps=args.steps, step_size=args.step_size)
+    almond_epoch = ALMOND(**common, n_chains=args.chains, sampler=ULA(args.step_size, args.steps))
     timers = {"vae": EpochTimer(), "almond": EpochTimer()}
     trainers = {name: L.Trainer(max_epochs=0, accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
                                 logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -70,13 +70,8 @@ def hand_is(enc: list[nn.Linear], dec: list[nn.Linear], x: torch.Tensor, k: int,
 
 def lab_is(model: Any, x: torch.Tensor, k: int, chunk: int, generator: torch.Generator) -> torch.Tensor:
     """latentlab's log p(x) protocol with importance sampling (what `test/nll` runs)."""
-    try:
-        from latentlab.estimators import NLLSettings, estimate_log_px
-    except ImportError:  # pragma: no cover - older layout
-        from latentlab.metrics.loglik import importance_sampling_log_likelihood
+    from latentlab.estimators import NLLSettings, estimate_log_px
 
-        return importance_sampling_log_likelihood(model.model.log_joint, model.proposal(x), x, k=k, chunk_size=chunk,
-                                                  generator=generator)
     settings = dataclasses.replace(NLLSettings.preset("standard"), estimator="is", k=k, chunk_size=chunk)
     return estimate_log_px(model.model, x, model.posterior(x), settings, generator).log_px
 

@@ -150,7 +150,7 @@ def sigterm_campaign(method: str, sigterms: int, rng: random.Random, work: Path,
     run_dir = work / f"{method}-preempted"
     run_dir.mkdir(parents=True)
     last = run_dir / "checkpoints" / "last.ckpt"
-    tried = landed = survived = mid_epoch = 0
+    tried = landed = preempted = survived = mid_epoch = 0
     finished = False
     for i in range(sigterms):
         tried += 1
@@ -163,10 +163,14 @@ def sigterm_campaign(method: str, sigterms: int, rng: random.Random, work: Path,
             break
         if run.returncode == EXIT_PREEMPTED:  # landed while training ran: a checkpoint at that step
             landed += 1
+            preempted += 1
             mid_epoch += _step(last) % ref.steps_per_epoch != 0
+            survived += checkpoint_intact(last)
         elif run.returncode != -signal.SIGTERM:  # outside fit (start-up, testing) the default action applies
             raise RuntimeError(f"{method}: SIGTERM run {i} ended with {run.returncode}:\n{run.stderr[-3000:]}")
-        survived += checkpoint_intact(last)
+        else:
+            landed += 1
+            survived += checkpoint_intact(last)
     if not finished:
         has_record = (run_dir / ".hydra" / "overrides.yaml").is_file()
         final = cli(run_dir, *(["ckpt_path=last"] if has_record and last.exists() else overrides))
@@ -174,7 +178,7 @@ def sigterm_campaign(method: str, sigterms: int, rng: random.Random, work: Path,
             raise RuntimeError(f"{method}: final resume failed:\n{final.stderr[-3000:]}")
     worst, ok = _compare(expected, run_dir)
     return {"fault": f"SIGTERM + resume from the run dir alone, {method}", "tried": tried, "landed": landed,
-            "inside": landed, "mid_epoch": mid_epoch, "survived": survived, "max_rel_diff": worst, "nothing_lost": ok}
+            "inside": preempted, "mid_epoch": mid_epoch, "survived": survived, "max_rel_diff": worst, "nothing_lost": ok}
 
 
 def ddp_nan(work: Path) -> dict[str, object]:
@@ -237,10 +241,11 @@ def main() -> None:
         work = Path(tmp)
         for method in args.methods:
             ref = _reference(method, args.epochs, work)
-            for row in (kill_campaign(method, args.kills, args.epochs, rng, work, ref),
-                        sigterm_campaign(method, args.sigterms, rng, work, ref)):
-                rows.append(row)
-                print(row, flush=True)
+            campaigns = [lambda: kill_campaign(method, args.kills, args.epochs, rng, work, ref)] if args.kills else []
+            campaigns += [lambda: sigterm_campaign(method, args.sigterms, rng, work, ref)] if args.sigterms else []
+            for campaign in campaigns:
+                rows.append(campaign())
+                print(rows[-1], flush=True)
         if not args.no_ddp:
             rows.append(ddp_nan(work))
             print(rows[-1], flush=True)
@@ -257,11 +262,11 @@ def main() -> None:
 
     lines = ["# latentlab fault report", "",
              f"{time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, {time.monotonic() - start:.0f} s", "",
-             "| fault | survived / tried | landed inside training | nothing lost |", "|---|---|---|---|"]
+             "| fault | survived / landed (of tried) | landed inside training | nothing lost |", "|---|---|---|---|"]
     for r in rows:
         extra = f", {r['mid_epoch']} mid-epoch" if "mid_epoch" in r else ""
         note = r.get("note") or f"final metrics vs uninterrupted: max rel diff {r['max_rel_diff']:.1e}"
-        lines.append(f"| {r['fault']} | {r['survived']} / {r['tried']} | {r['inside']} of {r['tried']}{extra} | "
+        lines.append(f"| {r['fault']} | {r['survived']} / {r['landed']} (of {r['tried']}) | {r['inside']} of {r['tried']}{extra} | "
                      f"{'yes' if r['nothing_lost'] else 'NO'} ({note}) |")
     for label, counts in counted:
         caught, tried = ratio(counts)

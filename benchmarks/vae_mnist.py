@@ -24,7 +24,6 @@ import argparse
 import math
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path

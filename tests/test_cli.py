@@ -60,7 +60,7 @@ def test_eval_of_a_checkpoint_writes_metrics(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     eval_dir = tmp_path / "eval"
     proc = run("latentlab.evaluate", f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={eval_dir}",
-               "eval.k=5", cwd=tmp_path)
+               "eval.nll.k=5", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     assert metrics["method"] == "vae" and "test/nll" in metrics
@@ -229,7 +229,7 @@ def test_a_failing_job_of_an_eval_multirun_is_reported_and_the_sweep_goes_on(tmp
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep = tmp_path / "eval-sweep"
     good, missing = out / "checkpoints" / "last.ckpt", tmp_path / "nothing.ckpt"
-    proc = run("latentlab.evaluate", "-m", f"ckpt_path={missing},{good}", "eval.k=5", f"hydra.sweep.dir={sweep}",
+    proc = run("latentlab.evaluate", "-m", f"ckpt_path={missing},{good}", "eval.nll.k=5", f"hydra.sweep.dir={sweep}",
                cwd=tmp_path)
     assert len(error_lines(proc.stderr)) == 1 and "nothing.ckpt" in error_lines(proc.stderr)[0], proc.stderr[-2000:]
     assert (sweep / "0" / "FAILED").is_file() and (sweep / "1" / "metrics.json").is_file()

@@ -39,7 +39,7 @@ METHODS = {
     "vae": ["model=vae", "eval.nll.k=20", "eval.val_nll.k=20"],
     "avb": ["model=avb", "eval.nll.ais_steps=10", "eval.val_nll.ais_steps=10", "eval.nll.ais_chains=2", "eval.val_nll.ais_chains=2", "eval.nll.ais_leapfrog=2", "eval.val_nll.ais_leapfrog=2"],
     # one warm-up epoch would leave no Langevin step in a 1-epoch run: start in the Langevin phase
-    "almond": ["model=almond", "model.n_chains=4", "model.langevin_steps=3", "model.eval_chains=4",
+    "almond": ["model=almond", "model.n_chains=4", "sampler.n_steps=3", "model.eval_chains=4",
                "model.eval_langevin_steps=5", "eval.nll.k=20", "eval.val_nll.k=20"],
 }
 

@@ -35,7 +35,7 @@ def only_checkpoint(root: Path) -> Path:
 def test_fit_links_data_sizes_and_saves_a_config_latentlab_eval_reads(tmp_path: Path) -> None:
     cli = build_cli(["fit", "--model", "VAE", "--data", "DigitsDataModule", "--model.latent_dim", "3",
                      "--model.net.hidden_dims", "[32]", "--model.optimizer", "torch.optim.Adam",
-                     "--model.optimizer.lr", "0.003", "--model.eval.k", "10", *fast(tmp_path)])
+                     "--model.optimizer.lr", "0.003", *fast(tmp_path)])
     model = cli.model
     assert isinstance(model, VAE) and model.data_dim == 64 and model.image_shape == (1, 8, 8)  # linked from data
     assert model.latent_dim == 3 and cli.trainer.test_loop.inference_mode is False  # AIS/Langevin need grads
@@ -53,7 +53,7 @@ def test_fit_links_data_sizes_and_saves_a_config_latentlab_eval_reads(tmp_path: 
 def test_print_config_round_trips_into_validate_and_test(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         build_cli(["fit", "--model", "VAE", "--data", "DigitsDataModule", "--model.latent_dim", "2",
-                   "--model.eval.k", "20", "--data.test_subset", "64", *fast(tmp_path), "--print_config"])
+                   "--data.test_subset", "64", *fast(tmp_path), "--print_config"])
     assert exit_info.value.code in (0, None)
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["model"]["class_path"] == "latentlab.models.VAE"
@@ -73,7 +73,7 @@ def test_print_config_round_trips_into_validate_and_test(tmp_path: Path, capsys:
     cli_metrics = {k: float(v) for k, v in tested.trainer.callback_metrics.items()}
 
     # latentlab-eval rebuilds the model from the config the CLI saved, on the same test examples
-    evaluated = api.evaluate(ckpt, ["logger=none", "+trainer.limit_test_batches=2", "eval.k=20"],
+    evaluated = api.evaluate(ckpt, ["logger=none", "+trainer.limit_test_batches=2"],
                              run_dir=tmp_path / "eval")
     se = math.hypot(cli_metrics["test/nll_se"], evaluated["test/nll_se"])
     assert abs(cli_metrics["test/nll"] - evaluated["test/nll"]) <= Z * se
@@ -81,9 +81,9 @@ def test_print_config_round_trips_into_validate_and_test(tmp_path: Path, capsys:
 
 @pytest.mark.parametrize("name, cls, extra", [
     ("AVB", AVB, ["--model.disc_steps", "2", "--model.disc_optimizer", "torch.optim.Adam",
-                  "--model.disc_optimizer.lr", "0.0005", "--model.eval.ais_steps", "3"]),
-    ("ALMOND", ALMOND, ["--model.n_chains", "3", "--model.langevin_steps", "2", "--model.eval_chains", "3",
-                        "--model.eval_langevin_steps", "2", "--model.eval.k", "5"]),
+                  "--model.disc_optimizer.lr", "0.0005"]),
+    ("ALMOND", ALMOND, ["--model.n_chains", "3", "--model.eval_chains", "3",
+                        "--model.eval_langevin_steps", "2"]),
 ])
 def test_fit_every_method(tmp_path: Path, name: str, cls: type, extra: list[str]) -> None:
     cli = build_cli(["fit", "--model", name, "--data", "DigitsDataModule", *extra, *fast(tmp_path)])

@@ -76,6 +76,16 @@ def test_sigterm_mid_epoch_writes_a_checkpoint_and_the_resume_is_the_uninterrupt
     assert resumed == straight
 
 
+def test_sigterm_during_validation_stops_after_it_and_the_resume_is_the_uninterrupted_run(tmp_path: Path) -> None:
+    """SIGTERM in the middle of epoch 0's validation (3 epochs): the validation finishes, the checkpoint is at the
+    epoch's end, and the resumed run neither repeats nor loses any of it: final metrics equal bit for bit."""
+    straight = run(tmp_path / "straight", "trainer.max_epochs=3")
+    with pytest.raises(Preempted):
+        run(tmp_path / "resumed", "trainer.max_epochs=3", *preempt_at(1), "+callbacks.preempt.in_validation=true")
+    assert ckpt_step(tmp_path / "resumed") == 5
+    assert run(tmp_path / "resumed", "trainer.max_epochs=3", "ckpt_path=last") == straight
+
+
 @pytest.mark.skipif("almond" not in AVAILABLE, reason="ALMOND not available")
 def test_almond_preempted_mid_epoch_resumes_from_its_run_directory_alone(tmp_path: Path) -> None:
     """The real CLI: an ALMOND run gets SIGTERM mid-epoch (step 7 = epoch 1, batch 2), exits with the
@@ -212,13 +222,13 @@ def test_nan_in_each_component_stops_with_step_component_and_last_good_checkpoin
 
 @pytest.mark.skipif("almond" not in AVAILABLE, reason="ALMOND not available")
 def test_langevin_divergence_names_the_sampler_and_the_guard_switch_prevents_it(tmp_path: Path) -> None:
-    """A step size so large that the Langevin chains overflow: without `model.sampler_guard` the run stops at
+    """A step size so large that the Langevin chains overflow: without `sampler.guard` the run stops at
     the first E-step naming the sampler; with it, diverging moves are rejected and training finishes finite."""
-    huge = [*METHODS["almond"], "model.step_size=1e20", "trainer.num_sanity_val_steps=0", "eval.val_nll.val_every_n_epochs=0",
+    huge = [*METHODS["almond"], "sampler.step_size=1e20", "trainer.num_sanity_val_steps=0", "eval.val_nll.val_every_n_epochs=0",
             "test=false"]
-    with pytest.raises(NumericalError, match="sampler produced non-finite chain states at training step 0.*sampler_guard"):
+    with pytest.raises(NumericalError, match="sampler produced non-finite chain states at training step 0.*sampler.guard"):
         run(tmp_path / "off", *huge)
-    run(tmp_path / "on", *huge, "model.sampler_guard=true")
+    run(tmp_path / "on", *huge, "sampler.guard=true")
     ckpt = torch.load(tmp_path / "on" / "checkpoints" / "last.ckpt", weights_only=True)
     assert bool(torch.isfinite(ckpt["almond"]["chains"]).all())
 

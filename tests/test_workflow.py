@@ -151,7 +151,7 @@ def test_dashboard_to_wandb_offline_and_tensorboard(tmp_path: Path) -> None:
 
     Probe.seen = []
     metrics, run_dir = api.train([
-        "model=almond", "model.vae_epochs=1", "model.sampler=mala", "model.n_chains=4", "model.langevin_steps=3",
+        "model=almond", "model.vae_epochs=1", "sampler=mala", "model.n_chains=4", "sampler.n_steps=3",
         "model.eval_chains=4", "model.eval_langevin_steps=5", "eval.nll.k=5", "eval.val_nll.k=5", "data.batch_size=32",
         "trainer.max_epochs=2", "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=1",
         "+trainer.limit_test_batches=1", "trainer.log_every_n_steps=1", "logger=many_loggers", "callbacks=dashboard",
@@ -195,7 +195,9 @@ def test_dashboard_to_wandb_offline_and_tensorboard(tmp_path: Path) -> None:
 
 
 def test_method_plan_and_phase_follow_the_warm_up() -> None:
-    model = ALMOND(data_dim=4, latent_dim=2, vae_epochs=2, n_chains=5, langevin_steps=7)
+    from latentlab.samplers import ULA
+
+    model = ALMOND(data_dim=4, latent_dim=2, vae_epochs=2, n_chains=5, sampler=ULA(3e-3, 7))
     assert method_phase(model) == "VAE warm-up"  # epoch 0
     plan = method_plan(model, max_epochs=10)
     assert "VAE warm-up for epochs 0-1" in plan and "5 chains x 7 ULA steps" in plan

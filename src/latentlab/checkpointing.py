@@ -10,7 +10,8 @@
 - `RandomState`: Lightning does not checkpoint the global torch/numpy/python random states, yet the
   shuffle order and the reparameterisation noise come from them; this callback saves and restores
   them, so a resumed run (at any step) continues exactly as the uninterrupted run would.
-- `PeriodicCheckpoint` also writes it when the run is preempted (SIGTERM), at the current step.
+- `PeriodicCheckpoint` also writes it when the run is preempted (SIGTERM), at the current step (a SIGTERM
+  during a validation inside fit waits for the validation to end, so no half-validated state is saved).
 - Reading (`latentlab.checkpoint_loading`, re-exported here): `resolve_ckpt_path` /
   `load_checkpoint_safely` / `check_resume_checkpoint`: `ckpt_path=last`, and a clear `CheckpointError`
   for a missing, truncated, foreign, other-method or other-version checkpoint.
@@ -174,6 +175,20 @@ class PeriodicCheckpoint(Checkpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.save_on_train_end and not self._skip(trainer):
             self.save(trainer)
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        # A SIGTERM during a validation inside fit is held until that validation ends: a checkpoint in its
+        # middle would resume with part of the validation metrics and its random draws lost. Lightning
+        # checks the flag right after this hook and again after the validation, where it stops the run.
+        if trainer.received_sigterm and not trainer.sanity_checking and trainer.state.fn == "fit":
+            trainer._signal_connector.received_sigterm = False  # Lightning has no public switch for this
+            self._held_sigterm = True
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if getattr(self, "_held_sigterm", False):
+            trainer._signal_connector.received_sigterm = True
+            self._held_sigterm = False
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """Preemption: on SIGTERM Lightning finishes the current batch and raises `SIGTERMException`

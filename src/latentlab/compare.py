@@ -38,7 +38,7 @@ TEXT_KEYS = ("method", "ckpt_path")
 PROTOCOL = (("nll estimator", ("test/nll_estimator",)), ("nll budget", ("test/nll_budget",)),
             ("nll diagnostic", ("test/nll_diagnostic", "test/nll_half_gap")))
 DIAGNOSTIC_FLAG = 0.1  # nats: a half-budget minus full-budget difference above this is not converged
-_NOT_IN_NAMES = ("logger", "hydra", "paths", "callbacks")
+NOT_IN_NAMES = ("logger", "hydra", "paths", "callbacks")  # where/how a run logs, not what it computes: not in names
 
 
 def load_metrics(path: str | Path) -> dict[str, Any]:
@@ -138,12 +138,11 @@ def describe_run(metrics_file: Path, root: Path | None = None) -> RunRecord:
 
 def label_runs(records: Sequence[RunRecord]) -> dict[str, RunRecord]:
     """{row name: record}: the job, then the overrides it does not share with the other rows (`0: seed=2`);
-    where it writes, what it logs to and which model config (the method column) are left out."""
+    where it writes, what it logs to, and what the method and ckpt_path columns show are left out."""
     _, own = split_overrides([r.overrides for r in records])
     rows: dict[str, RunRecord] = {}
     for record, differing in zip(records, own):
-        shown = [o if _key(o) != "ckpt_path" else f"ckpt_path={_short(o.split('=', 1)[1])}" for o in differing
-                 if _key(o) != "model" and _key(o).split(".")[0] not in _NOT_IN_NAMES]
+        shown = [o for o in differing if _key(o) not in ("model", *TEXT_KEYS) and _key(o).split(".")[0] not in NOT_IN_NAMES]
         name = f"{record.job}: {' '.join(shown)}" if shown else record.job
         while name in rows:  # two runs in directories of the same name
             name += "'"

@@ -16,12 +16,13 @@ from typing import NamedTuple
 
 QUIET = ["logger=none", "callbacks.progress_bar=null", "callbacks.model_summary=null", "callbacks.image_grid=null",
          "+trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
-SMALL = ["model.eval.k=5", "+trainer.limit_train_batches=5", "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2"]
+SMALL = ["eval.nll.k=5", "eval.val_nll.k=5", "+trainer.limit_train_batches=5", "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2"]
 # Each method at its smallest: ALMOND with 2 chains x 2 Langevin steps and no warm-up (chains from epoch 0).
 METHODS: dict[str, list[str]] = {
     "vae": ["model=vae"],
-    "avb": ["model=avb", "model.eval.ais_steps=5", "model.eval.ais_chains=2", "model.eval.ais_leapfrog=2"],
-    "almond": ["model=almond", "model.n_chains=2", "model.langevin_steps=2", "model.eval_chains=2",
+    "avb": ["model=avb", "eval.nll.ais_steps=5", "eval.nll.ais_chains=2", "eval.nll.ais_leapfrog=2",
+            "eval.val_nll.ais_steps=5", "eval.val_nll.ais_chains=2", "eval.val_nll.ais_leapfrog=2"],
+    "almond": ["model=almond", "model.n_chains=2", "sampler.n_steps=2", "model.eval_chains=2",
                "model.eval_langevin_steps=2"],
 }
 AVAILABLE = [m for m in METHODS if resources.files("latentlab.conf").joinpath("model", f"{m}.yaml").is_file()]
@@ -29,7 +30,7 @@ AVAILABLE = [m for m in METHODS if resources.files("latentlab.conf").joinpath("m
 
 
 KILL_RUN = ["trainer.max_epochs=4", "+trainer.limit_train_batches=10", "+trainer.limit_val_batches=2",
-            "+trainer.limit_test_batches=2", "model.eval.k=5", "callbacks.image_grid.n=16", "callbacks.progress_bar=null",
+            "+trainer.limit_test_batches=2", "eval.nll.k=5", "eval.val_nll.k=5", "callbacks.image_grid.n=16", "callbacks.progress_bar=null",
             "callbacks.model_summary=null", "+trainer.enable_progress_bar=false"]
 # Runs the CLI with torch.save replaced by one that writes half of the checkpoint and then SIGKILLs its own
 # process, on the n-th checkpoint save: a kill in the middle of writing last.ckpt.

@@ -16,8 +16,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-#: Overrides that choose where or how a run is logged, not what it computes: left out of run names.
-_NOT_IN_NAMES = ("logger", "hydra", "paths", "callbacks")
+from latentlab.compare import NOT_IN_NAMES  # overrides that say where/how a run logs, not what it computes
+
 _MAX_NAME = 120
 
 
@@ -72,7 +72,7 @@ def run_identity(run_dir: str | Path, model_target: str | None = None, task: str
     own = _load_list(run_dir / ".hydra" / "overrides.yaml")
     sweep = sweep_dir_of(run_dir)
     shared = set(sweep_overrides(sweep)) if sweep is not None else set()
-    differing = [o for o in own if o not in shared and o.split("=", 1)[0].lstrip("+~").split(".")[0] not in _NOT_IN_NAMES]
+    differing = [o for o in own if o not in shared and o.split("=", 1)[0].lstrip("+~").split(".")[0] not in NOT_IN_NAMES]
     method, rest = method_label(differing, model_target)
     if not method:  # the method is shared by the sweep: still name it
         method = method_label(own, model_target)[0]

@@ -63,7 +63,11 @@ def method_plan(pl_module: Any, max_epochs: int | None = None) -> str:
     head = f"{name} ({getattr(pl_module, 'method', '?')}): {doc[0].rstrip('.') if doc else ''}"
     if hasattr(pl_module, "in_vae_phase"):
         warm = int(getattr(pl_module, "vae_epochs", 0))
-        steps = f"{pl_module.n_chains} chains x {pl_module.langevin_steps} {pl_module.sampler_kind.upper()} steps"
+        sampler = getattr(pl_module, "sampler", None)  # the sampler group's object, else the older attributes
+        n_steps = getattr(sampler, "n_steps", getattr(pl_module, "langevin_steps", "?"))
+        kind = type(sampler).__name__ if sampler is not None and not isinstance(sampler, str) \
+            else str(getattr(pl_module, "sampler_kind", sampler or "?"))
+        steps = f"{pl_module.n_chains} chains x {n_steps} {kind.upper()} steps"
         langevin = f"Langevin EM ({steps} per E-step)"
         head += f". Phases: VAE warm-up for epochs 0-{warm - 1}, then {langevin}" if warm else f". Phase: {langevin}"
         if max_epochs is not None and warm >= max_epochs:
@@ -214,6 +218,7 @@ class Dashboard(L.Callback):
         self._counts: dict[str, int] = defaultdict(int)
         self._diagnostics: dict[str, list[float]] = defaultdict(list)
         self._seen: dict[str, Any] = {}  # the last value object per key: callback_metrics keeps stale ones
+        self._final: dict[str, float] = {}
 
     # ----- run metadata
     def on_fit_start(self, trainer: L.Trainer, pl_module: Any) -> None:
@@ -320,6 +325,8 @@ class Dashboard(L.Callback):
             self._scatter(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        # the test stage starts with fresh callback_metrics: keep the final validation ones for the HParams tab
+        self._final = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1}
         if not self.every_n_epochs:
             self._scatter(trainer, pl_module)
 
@@ -327,8 +334,8 @@ class Dashboard(L.Callback):
     def on_test_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         if not trainer.is_global_zero:
             return
-        final = {k: float(v) for k, v in trainer.callback_metrics.items()
-                 if k.startswith(("val/", "test/")) and v.numel() == 1}
+        final = {**self._final, **{k: float(v) for k, v in trainer.callback_metrics.items()
+                                   if k.startswith(("val/", "test/")) and v.numel() == 1}}
         for logger in _loggers(trainer, "TensorBoardLogger"):
             log_hparams(logger, getattr(pl_module, "run_config", None) or {}, final)
         if not self.eval_table:

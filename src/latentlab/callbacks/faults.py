@@ -13,7 +13,7 @@ automatic and manual optimisation (AVB's two players, ALMOND's two phases):
 
 The checkpoint writer (`latentlab.checkpointing.AtomicCheckpointIO`) refuses non-finite checkpoints,
 so the last good `last.ckpt` stays; ALMOND's Langevin states are checked by ALMOND itself (its
-`sampler_guard` rejects and shrinks diverging moves instead). `FaultInjector` puts a NaN into a
+`sampler.guard` rejects and shrinks diverging moves instead). `FaultInjector` puts a NaN into a
 chosen component at a chosen step: it is how the tests and `benchmarks/faults.py` prove the above.
 """
 
@@ -223,7 +223,7 @@ def explain_numerical_error(exc: BaseException, pl_module: nn.Module | None, las
             bad = ComponentMap(pl_module).nonfinite_parameters()
             message += f"; diagnosis: component {', '.join(bad)}: non-finite parameters" if bad else \
                 "; diagnosis: all parameters are still finite"
-    fix = ("fix the cause (learning rate, callbacks.numerics.gradient_clip_val, model.sampler_guard / model.step_size "
+    fix = ("fix the cause (learning rate, callbacks.numerics.gradient_clip_val, sampler.guard / sampler.step_size "
            "for ALMOND)")
     if last_good is None:
         return f"{message}. No checkpoint was written before the failure; {fix} and start again"
@@ -306,10 +306,11 @@ class SendSignal(L.Callback):
     a preemption at a known point, for tests and `benchmarks/faults.py`. A run resumed past that step
     (which rebuilds this callback from its saved config) does not send it again."""
 
-    def __init__(self, at_step: int, signal: str = "SIGTERM") -> None:
+    def __init__(self, at_step: int, signal: str = "SIGTERM", in_validation: bool = False) -> None:
         if not hasattr(signals, signal):
             raise ConfigError(f"SendSignal signal must name a signal such as SIGTERM, got {signal!r}")
         self.at_step, self.signal = int(at_step), getattr(signals, signal)
+        self.in_validation = bool(in_validation)  # send it during the first validation batch after the step
         self._armed = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -317,6 +318,15 @@ class SendSignal(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if not self.in_validation:
+            self._send(trainer)
+
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:
+        if self.in_validation and not trainer.sanity_checking:
+            self._send(trainer)
+
+    def _send(self, trainer: L.Trainer) -> None:
         if self._armed and trainer.global_step >= self.at_step:
             self._armed = False
             os.kill(os.getpid(), self.signal)

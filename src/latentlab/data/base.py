@@ -20,12 +20,11 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from latentlab.data.binarize import BINARIZE_MODES, DynamicBinarizer, static_binarize
 from latentlab.data.resumable import ResumableDataLoader, ResumableSampler
-from latentlab.data.seeding import Stream, keyed_generator
+from latentlab.rng import SPLIT_IDS, Stream, keyed_generator
 from latentlab.errors import ConfigError, DataError
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
-SPLIT_IDS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Reproducible binarization of grey-level data in [0, 1].
 
-Every random draw here comes from a keyed generator (`seeding.keyed_generator`) of
+Every random draw here comes from a keyed generator (`latentlab.rng.keyed_generator`) of
 (seed, purpose, split or epoch, chunk of rows). A draw therefore depends only
 on *which* example it is and *when* (epoch), never on batch composition, sampler order, number of
 DDP processes or data-loader workers; a run resumed at an epoch boundary sees the same draws as an
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from latentlab.data.seeding import Stream, keyed_generator
+from latentlab.rng import Stream, keyed_generator
 
 BINARIZE_MODES = ("none", "static", "dynamic")
 # Rows drawn per generator: bounds temporary memory and lets `DynamicBinarizer` draw lazily.

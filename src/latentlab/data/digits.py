@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from latentlab.data.base import LatentDataModule, SplitData
-from latentlab.data.seeding import Stream, keyed_generator
+from latentlab.rng import Stream, keyed_generator
 
 
 class DigitsDataModule(LatentDataModule):

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from latentlab.data.seeding import Stream, keyed_generator
+from latentlab.rng import Stream, keyed_generator
 
 Position = Callable[[], tuple[int, int]]  # () -> (epoch, batches of it done)
 

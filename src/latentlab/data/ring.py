@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from latentlab.data.base import LatentDataModule, SplitData, check_int
-from latentlab.data.seeding import Stream, keyed_generator
+from latentlab.rng import Stream, keyed_generator
 from latentlab.errors import ConfigError
 
 LOG_2PI = math.log(2.0 * math.pi)

@@ -16,7 +16,7 @@ from torch.distributions import Categorical, Distribution, Exponential, MixtureS
 
 from latentlab.analytic import LinearGaussian
 from latentlab.data.base import LatentDataModule, SplitData, check_int
-from latentlab.data.seeding import Stream, keyed_generator
+from latentlab.rng import Stream, keyed_generator
 from latentlab.errors import ConfigError
 
 

@@ -16,7 +16,33 @@ from torch import Tensor
 from latentlab.errors import ConfigError
 from latentlab.estimators.common import LogJoint, weight_stats
 from latentlab.generative import GenerativeModel
-from latentlab.posterior import Posterior
+from latentlab.posterior import Posterior, gaussian_log_prob, reparameterized
+
+
+class DefensiveGaussian(Posterior):
+    """Defensive importance sampling (Hesterberg 1995): the mixture 1/2 q + 1/2 q_wide of an amortized Gaussian q
+    and q with its std times `inflation`. Encoders fit q by KL(q || p), so q is narrower than p(z|x) and plain IS
+    weights are heavy-tailed; the wide half covers the tails, and p/mixture <= 2 p/q, so it is never much worse."""
+
+    has_density = True
+
+    def __init__(self, mean: Tensor, log_var: Tensor, inflation: float) -> None:
+        self.mean, self.log_var, self.wide = mean, log_var, log_var + 2.0 * math.log(inflation)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        narrow, wide = reparameterized(self.mean, self.log_var, n, generator), reparameterized(self.mean, self.wide, n, generator)
+        pick = torch.rand(narrow.shape[:-1], generator=generator, device=narrow.device, dtype=narrow.dtype) < 0.5
+        return torch.where(pick[..., None], wide, narrow)
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        both = torch.stack([gaussian_log_prob(z, self.mean, self.log_var), gaussian_log_prob(z, self.mean, self.wide)])
+        return torch.logsumexp(both, 0) - math.log(2.0)
+
+
+def is_proposal(posterior: Posterior, inflation: float) -> Posterior:
+    """The IS proposal for a posterior: itself, or the defensive mixture around its Gaussian when inflation > 1."""
+    gaussian = posterior.gaussian()
+    return posterior if inflation <= 1.0 or gaussian is None else DefensiveGaussian(*gaussian, inflation)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from latentlab.estimators.ais import ais_log_weights
 from latentlab.estimators.common import log_mean_exp
-from latentlab.estimators.importance import importance_sampling
+from latentlab.estimators.importance import importance_sampling, is_proposal
 from latentlab.estimators.settings import NLLSettings
 from latentlab.generative import GenerativeModel
 from latentlab.posterior import Posterior
@@ -40,7 +40,8 @@ def estimate_log_px(model: GenerativeModel, x: Tensor, posterior: Posterior | No
     estimator = settings.resolve(posterior is not None and posterior.has_density)
     if estimator == "is":
         assert posterior is not None
-        result = importance_sampling(model.log_joint, x, posterior, settings.k, settings.chunk_size, generator)
+        proposal = is_proposal(posterior, settings.is_inflation)
+        result = importance_sampling(model.log_joint, x, proposal, settings.k, settings.chunk_size, generator)
         return LogPxEstimate(result.log_px, result.log_px_half, "is", settings.budget("is"))
     log_w = ais_log_weights(model, x, posterior, settings, generator)
     half = log_mean_exp(log_w[: max(1, log_w.shape[0] // 2)], 0)

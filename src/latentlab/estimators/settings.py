@@ -32,7 +32,7 @@ class NLLSettings:
     else AIS from the Gaussian fitted to `fit_draws` of its draws).
 
     `estimator`: auto | is | ais. `k`, `chunk_size`: importance samples per example, drawn chunk_size at a
-    time. AIS: `ais_steps` intermediate distributions x `ais_chains` chains, `ais_leapfrog` HMC steps per
+    time; `is_inflation` > 1: the proposal is the defensive mixture 1/2 q + 1/2 q with std x is_inflation. AIS: `ais_steps` intermediate distributions x `ais_chains` chains, `ais_leapfrog` HMC steps per
     transition, `ais_start` posterior (the fitted Gaussian) | prior. `max_batches`: at most this many
     batches per val/test epoch (None: all); `val_every_n_epochs`: 0 switches validation's NLL off.
     `name` is the budget's name (fast | standard | paper) that every result reports.
@@ -45,6 +45,7 @@ class NLLSettings:
     ais_steps: int
     ais_chains: int
     ais_leapfrog: int
+    is_inflation: float = 1.0
     ais_start: str = "posterior"
     fit_draws: int = 64
     max_batches: int | None = None

@@ -34,7 +34,7 @@ from latentlab.models.chains import PersistentChains, first_occurrences
 from latentlab.nets import NetSpec
 from latentlab.nets.gaussian import GaussianEncoder, elbo_terms
 from latentlab.optim import build_optimizer
-from latentlab.posterior import SamplePosterior, reparameterized
+from latentlab.posterior import SamplePosterior, moment_fit, reparameterized
 from latentlab.rng import SPLIT_IDS, Stream, keyed_generator
 from latentlab.samplers import LangevinSampler, sampler_preset
 
@@ -57,6 +57,14 @@ def inverse_sqrt_lr(optimizer: torch.optim.Optimizer, warmup_epochs: int = 0) ->
     if warmup_epochs < 0:
         raise ConfigError(f"inverse_sqrt_lr warmup_epochs must be >= 0, got {warmup_epochs}")
     return LambdaLR(optimizer, lambda e: 1.0 if e < warmup_epochs else 1.0 / math.sqrt(e - warmup_epochs + 1.0))
+
+
+class ChainPosterior(SamplePosterior):
+    """The persistent chains of training examples: their moment fit is the chains' own (the paper's summary,
+    e.g. its latent-map figure), whatever n; more draws than chains continue them."""
+
+    def fitted_gaussian(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        return moment_fit(self.sample(max(2, self.fit_draws), generator))
 
 
 class ALMOND(LatentVariableModel):
@@ -297,10 +305,15 @@ class ALMOND(LatentVariableModel):
 
     # ----- the posterior contract ---------------------------------------------------------------
     def _current_split(self) -> str:
+        """The split the trainer works on: val/test/predict in those loops, train while fitting or after a fit
+        (callbacks placing training examples), val without a trainer (an index then counts positions in a split
+        without chains). Unseen data after a fit: pass no index, or split="test"."""
         trainer = self._trainer
-        if trainer is None:
+        if trainer is None or trainer.validating or trainer.sanity_checking:
             return "val"
-        return "train" if trainer.training else "test" if trainer.testing else "predict" if trainer.predicting else "val"
+        if trainer.testing or trainer.predicting:
+            return "test" if trainer.testing else "predict"
+        return "train" if trainer.training or trainer.state.fn == "fit" else "val"
 
     def posterior(self, x: Tensor, index: Tensor | None = None, split: str | None = None) -> SamplePosterior:
         """Samples of p(z | x): the persistent chains when these are visited training examples (`split`, default
@@ -309,7 +322,7 @@ class ALMOND(LatentVariableModel):
         log_joint = partial(self.model.log_joint, x)
         store = self.store
         if split == "train" and index is not None and store is not None and bool(store.visited[index.to(store.z.device)].all()):
-            return SamplePosterior(partial(self._persistent_draws, x, index), log_joint, fit_draws=self.n_chains)
+            return ChainPosterior(partial(self._persistent_draws, x, index), log_joint, fit_draws=self.n_chains)
         return SamplePosterior(partial(self._fresh_draws, x, split, index), log_joint, fit_draws=self.eval_chains)
 
     def _persistent_draws(self, x: Tensor, index: Tensor, n: int, generator: torch.Generator | None) -> Tensor:

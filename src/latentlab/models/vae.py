@@ -22,6 +22,7 @@ class VAE(LatentVariableModel):
     """
 
     method = "vae"
+    named_parts = ("encoder",)
 
     def __init__(
         self,

@@ -8,6 +8,7 @@ not comparable with Inception-based numbers in papers).
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ BUDGET = {
 }
 EVAL = {"paper": [], "cpu": ["eval.samples=2000", "eval.gaps=100"],
         "smoke": ["eval.samples=100", "eval.gaps=4", "eval.bdmc=0", "eval.quality.classifier.min_steps=50"]}
-COLUMNS = [("test/nll", "test/nll_se", "NLL (nats)"), ("test/bound", None, "own bound"),
+COLUMNS = [("test/nll", "test/nll_se", "NLL (nats)"), ("test/gap_elbo", None, "own bound"),
            ("test/inference_gap", None, "inference gap"), ("test/fid", None, "FID*"), ("test/kid_mean", None, "KID*"),
            ("test/precision", None, "precision"), ("test/recall", None, "recall")]
 
@@ -48,7 +49,8 @@ def run(out_dir: Path, budget: str, repeats: int) -> Report:
             eval_s += time.perf_counter() - start
             if r == 0 and (run_dir / "samples.png").exists():
                 samples.append((label, run_dir / "samples.png"))
-        estimator = str(results[0].get("test/nll_estimator", "?"))
+        saved = json.loads((out_dir / f"{label.lower().replace('+', '_')}-0" / "eval" / "metrics.json").read_text())
+        estimator = str(saved.get("test/nll_budget", "?"))  # e.g. "is k=1000 (defensive x2)", "ais 500x4"
         row = [label, estimator]
         for key, _, _ in COLUMNS:
             row.append(cell([float(m[key]) for m in results if key in m], 2))

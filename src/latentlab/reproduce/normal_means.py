@@ -33,6 +33,11 @@ BUDGET = {
               "almond": ["model.vae_epochs=2", "trainer.max_epochs=4", "model.n_chains=4"]},
 }
 METHODS = {"vae": "experiment=vae_normal_means", "almond": "experiment=almond_normal_means"}
+# the official mixture script: a 1-50-100-50-1 decoder, 100 reparameterised draws per example in the VAE
+PER_PRIOR = {
+    "mixture": {"vae": ["net.hidden_dims=[50,100,50]", "model.num_samples=100"],
+                "almond": ["net.hidden_dims=[50,100,50]", "model.vae_num_samples=100"]},
+}
 
 
 def empirical_bayes(prior: str, data_seed: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +88,8 @@ def run(out_dir: Path, budget: str, repeats: int) -> Report:
             for method, experiment in METHODS.items():
                 run_dir = out_dir / prior / f"{method}-{r}"
                 train_run(run_dir, [experiment, f"data.prior={prior}", f"data.data_seed={seed}", f"seed={seed}",
-                                    f"callbacks.latent_metrics.n_samples={N_DRAWS}", *BUDGET[budget][method]])
+                                    f"callbacks.latent_metrics.n_samples={N_DRAWS}",
+                                    *PER_PRIOR.get(prior, {}).get(method, []), *BUDGET[budget][method]])
                 learned = learned_prior(run_dir)
                 results[prior][method].append(distances(learned, truth))
                 draws[prior].setdefault(method, learned)

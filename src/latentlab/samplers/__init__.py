@@ -6,15 +6,14 @@ step_size) -> SamplerResult`, so a config (`conf/sampler/*.yaml`) can swap them.
 """
 
 from latentlab.samplers.diagnostics import effective_sample_size, rhat
+from latentlab.samplers.annealed import AnnealedLangevin, sampler_preset
 from latentlab.samplers.langevin import (
     MALA,
     ULA,
-    AnnealedLangevin,
     LangevinSampler,
     LogProb,
     NoiseLogProb,
     SamplerResult,
-    sampler_preset,
     value_and_grad,
 )
 
