@@ -59,7 +59,7 @@ class _Server(ThreadingHTTPServer):
 
 @pytest.fixture(scope="module")
 def server(shared_data_dir: Path) -> Iterator[_Server]:
-    files = {f.name: f.read_bytes() for f in (shared_data_dir / "mnist").iterdir()}
+    files = {f.name: f.read_bytes() for f in (shared_data_dir / "mnist").glob("*-ubyte.gz")}  # the IDX files only
     srv = _Server(files)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
