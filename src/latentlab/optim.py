@@ -54,3 +54,13 @@ def build_optimizer(factory: Callable[..., torch.optim.Optimizer], params: Itera
         return factory(params, fused=True)
     except (RuntimeError, TypeError, ValueError):  # e.g. a dtype or option the fused kernel refuses
         return factory(params)
+
+
+def lightning_optimizers(factory: Callable[..., torch.optim.Optimizer], scheduler_factory: Callable[..., Any] | None,
+                         params: Iterable[Any]) -> Any:
+    """What `configure_optimizers` returns for one optimiser and an optional per-epoch scheduler, for every
+    single-optimiser module (the latent base, the denoiser)."""
+    optimizer = build_optimizer(factory, params)
+    if scheduler_factory is None:
+        return optimizer
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler_factory(optimizer), "interval": "epoch"}}

@@ -30,6 +30,7 @@ from latentlab.generative import GenerativeModel
 from latentlab.likelihoods import BernoulliLikelihood, GaussianLikelihood, Likelihood
 from latentlab.metrics.loglik import LogLikelihood
 from latentlab.nets import NetSpec, build_decoder
+from latentlab.optim import lightning_optimizers  # fused kernel by default: exact, ~4x faster step
 from latentlab.posterior import Posterior
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -230,12 +231,7 @@ class LatentVariableModel(L.LightningModule):
         return trainer is None or trainer.is_last_batch or trainer._logger_connector.should_update_logs
 
     def configure_optimizers(self) -> Any:
-        from latentlab.optim import build_optimizer  # fused kernel by default: exact, ~4x faster step
-
-        optimizer = build_optimizer(self.optimizer_factory, self.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}}
+        return lightning_optimizers(self.optimizer_factory, self.scheduler_factory, self.parameters())
 
     # ----- checkpoints ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -26,7 +26,7 @@ import latentlab
 from latentlab.errors import ConfigError
 from latentlab.models.base import OptimizerFactory, SchedulerFactory, check_optimizer_factory
 from latentlab.nets import NetSpec
-from latentlab.optim import build_optimizer
+from latentlab.optim import lightning_optimizers
 from latentlab.nets.denoiser import NoiseConditionalDenoiser, tweedie_score
 from latentlab.samplers.score import AlphaMixingLangevin, ScoreAnnealedLangevin, ScoreSampler, geometric_levels
 
@@ -144,10 +144,7 @@ class Denoiser(L.LightningModule):
 
     # ----- optimisation and checkpoints ---------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        optimizer = build_optimizer(self.optimizer_factory, self.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}}
+        return lightning_optimizers(self.optimizer_factory, self.scheduler_factory, self.parameters())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The same metadata as the latent methods write, so `latentlab-eval` can rebuild it."""
