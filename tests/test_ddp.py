@@ -128,3 +128,31 @@ def test_nan_on_one_rank_stops_every_rank_with_one_message(tmp_path: Path) -> No
         proc.stderr[-4000:]
     assert elapsed < 180, elapsed  # start-up of two processes included; a hang would run into the timeout
     assert "non-finite loss" in (out / "FAILED").read_text()
+
+
+def test_ddp_run_preempted_mid_epoch_resumes_to_the_uninterrupted_run(tmp_path: Path) -> None:
+    """2 gloo processes, 2 epochs of 4 batches each: SIGTERM at step 6 (epoch 1, batch 2) on both ranks -> the
+    preempted exit and last.ckpt at step 6; `hydra.run.dir=<run> ckpt_path=last` resumes, each rank continuing
+    its own share of the same keyed epoch order, and every final metric equals the uninterrupted run's."""
+    from latentlab.entry import EXIT_PREEMPTED
+    from latentlab.fault_drills import preempt_at
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+    launch = [*COMMON, *METHODS["vae"], "trainer=ddp", "trainer.devices=2", "trainer.max_epochs=2",
+              "+trainer.limit_val_batches=1", f"data.batch_size={B}"]
+
+    def cli(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "latentlab.train", *overrides, f"hydra.run.dir={run_dir}"],
+                              check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+                              stdin=subprocess.DEVNULL)
+
+    straight = cli(tmp_path / "straight", *launch)
+    assert straight.returncode == 0, straight.stderr[-4000:]
+    run_dir = tmp_path / "run"
+    first = cli(run_dir, *launch, *preempt_at(6))
+    assert first.returncode == EXIT_PREEMPTED, first.stderr[-4000:]
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+    resumed = cli(run_dir, "ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert json.loads((run_dir / "metrics.json").read_text()) == \
+        json.loads((tmp_path / "straight" / "metrics.json").read_text())

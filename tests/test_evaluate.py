@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,9 @@ def test_multirun_eval_of_two_checkpoints_with_every_analysis(tmp_path: Path) ->
     proc = run("latentlab.evaluate", "-m", f"ckpt_path={ckpts[0]},{ckpts[1]}", f"hydra.sweep.dir={sweep}",
                "logger=wandb", *EVAL_SMALL, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # each long analysis shows a Rich bar (outside a terminal: its final state, complete)
+    for bar in ("BDMC", "inference gaps", "classifier training", "sample quality"):
+        assert re.search(rf"{bar} +━+ +(\d+)/\1 ", proc.stdout), f"no finished progress bar for {bar}:\n{proc.stdout[-2000:]}"
     for job, ckpt in zip(("0", "1"), ckpts):
         metrics = json.loads((sweep / job / "metrics.json").read_text())
         missing = [k for k in KEYS if k not in metrics]
@@ -104,6 +108,37 @@ def test_eval_of_a_method_without_an_amortized_gaussian(tmp_path: Path, method: 
     assert {"test/nll", "test/inference_gap", "test/bdmc_gap"} <= set(metrics)
     assert "test/approximation_gap" not in metrics and "test/fid" not in metrics
     assert (out / "posteriors.png").is_file()
+
+
+def test_eval_of_an_mnist_run_reads_its_own_data_dir_and_its_hints_work(tmp_path: Path, shared_data_dir: Path) -> None:
+    """An MNIST run trained with paths.data_dir=D is evaluated from another directory with no data options: the
+    evaluator reads D. With D gone, the one-line error names fixes that the evaluator accepts: paths.data_dir=...
+    (which then works) and +data_overrides.download=true (accepted as a setting, not refused as unknown)."""
+    data = tmp_path / "mydata"
+    (data / "mnist").mkdir(parents=True)
+    for f in (shared_data_dir / "mnist").iterdir():
+        (data / "mnist" / f.name).symlink_to(f)
+    run_dir = tmp_path / "run"
+    proc = run("latentlab.train", "data=mnist", f"paths.data_dir={data}", "data.train_subset=256", "data.val_size=64",
+               "data.test_subset=64", *TRAIN_FAST, "test=false", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    fast = ["eval/nll=fast", "eval.nll.k=5", "eval.posterior_plots=0"]
+    proc = run("latentlab.evaluate", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'e1'}", *fast, cwd=elsewhere)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"run's own data directory {data}" in proc.stdout + proc.stderr
+    assert "test/nll" in json.loads((tmp_path / "e1" / "metrics.json").read_text())
+
+    moved = data.rename(tmp_path / "moved")
+    proc = run("latentlab.evaluate", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'e2'}", *fast, cwd=elsewhere)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("latentlab: error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert "paths.data_dir=" in errors[0] and "+data_overrides.download=true" in errors[0], errors[0]
+    proc = run("latentlab.evaluate", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'e3'}", *fast,
+               "+data_overrides.download=false", f"paths.data_dir={moved}", cwd=elsewhere)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_train_classifier_command_caches_and_reuses(tmp_path: Path) -> None:

@@ -37,6 +37,20 @@ def test_gaussian_log_prob_matches_torch_distributions(learn_variance: bool, per
     assert any(p.requires_grad for p in lik.parameters()) == (learn_variance and not per_sample)
 
 
+@pytest.mark.parametrize("make, multiplier", [
+    (lambda d: BernoulliLikelihood(), 1), (lambda d: GaussianLikelihood(d, 0.3), 1),
+    (lambda d: GaussianLikelihood(d, learn_variance=True, per_sample=True), 2)])
+def test_pairwise_log_prob_equals_log_prob_of_every_pair(make, multiplier: int) -> None:
+    """The quadrature's all-pairs scoring (one matrix product) against `log_prob` pair by pair, for binary and
+    grey x: equal to float32 round-off (relative 1e-6; the product runs in float64)."""
+    gen = torch.Generator().manual_seed(0)
+    d, lik = 40, make(40)
+    params = 2 * torch.randn(30, multiplier * d, generator=gen)
+    for x in (torch.rand(6, d, generator=gen), torch.bernoulli(torch.full((6, d), 0.3), generator=gen)):
+        expected = torch.stack([torch.stack([lik.log_prob(xb, pg) for xb in x]) for pg in params])
+        torch.testing.assert_close(lik.pairwise_log_prob(x, params), expected, rtol=1e-6, atol=1e-4)
+
+
 def test_analytic_kl_matches_monte_carlo() -> None:
     g = torch.Generator().manual_seed(2)
     mu, log_var = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)

@@ -86,6 +86,37 @@ def test_sigterm_during_validation_stops_after_it_and_the_resume_is_the_uninterr
     assert run(tmp_path / "resumed", "trainer.max_epochs=3", "ckpt_path=last") == straight
 
 
+def test_slurm_requeue_signal_checkpoints_requeues_and_the_requeued_job_is_the_uninterrupted_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slurm, emulated: a job (SLURM_* variables, a fake `scontrol` on PATH) gets the requeue signal (SIGUSR1,
+    `#SBATCH --signal=USR1@...`) mid-epoch. Lightning's own SLURMEnvironment handles it: it saves an HPC
+    checkpoint and calls `scontrol requeue <job id>`; Slurm then terminates the job (our scontrol sends
+    SIGTERM to its caller, as Slurm's requeue does), which writes last.ckpt at the current step and exits
+    preempted. The requeued job (same command, SLURM_RESTART_COUNT=1, no ckpt_path) resumes by itself and
+    ends with every metric equal to the uninterrupted run's."""
+    straight = run(tmp_path / "straight", "trainer.max_epochs=2")
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol.calls"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nkill -TERM $PPID\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    for key, value in {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "latentlab",
+                       "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+                       "SLURM_NODELIST": "localhost"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    job = tmp_path / "job"
+    with pytest.raises(Preempted, match="stopped by SIGTERM at training step 7"):
+        run(job, "trainer.max_epochs=2", *preempt_at(7), "+callbacks.preempt.signal=SIGUSR1")
+    assert calls.read_text().split() == ["requeue", "4242"]
+    assert list(job.glob("hpc_ckpt_*.ckpt")) and ckpt_step(job) == 7
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert run(job, "trainer.max_epochs=2", *preempt_at(7), "+callbacks.preempt.signal=SIGUSR1") == straight
+    assert calls.read_text().split() == ["requeue", "4242"]  # the resumed job is past step 7: no second signal
+    assert not list(job.glob("hpc_ckpt_*.ckpt"))  # stale once fit is done: a Slurm test pass would load it
+
+
 @pytest.mark.skipif("almond" not in AVAILABLE, reason="ALMOND not available")
 def test_almond_preempted_mid_epoch_resumes_from_its_run_directory_alone(tmp_path: Path) -> None:
     """The real CLI: an ALMOND run gets SIGTERM mid-epoch (step 7 = epoch 1, batch 2), exits with the

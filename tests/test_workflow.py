@@ -126,6 +126,21 @@ def test_summary_lists_failed_jobs_and_ignores_non_finite_values(tmp_path: Path)
     assert json.loads(js.read_text())["best"]["job"] == "0"
 
 
+def test_summary_never_ranks_jobs_of_different_datasets_together(tmp_path: Path) -> None:
+    """digits NLL ~27 beside MNIST ~100: each dataset gets its own best, and there is no overall best."""
+    for job, (data, value) in {"0": ("digits", 27.4), "1": ("mnist", 99.9), "2": ("mnist", 98.5), "3": ("digits", 28.0)}.items():
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"data={data}", f"seed={job}"]))
+        (tmp_path / job / ".hydra" / "hydra.yaml").write_text(
+            yaml.safe_dump({"hydra": {"runtime": {"choices": {"data": data}}}}))
+        (tmp_path / job / "metrics.json").write_text(json.dumps({"val/nll": value}))
+    summary = summarize_sweep(tmp_path, "val/nll")
+    assert summary["best"] is None
+    assert {d: b["job"] for d, b in summary["best_by_data"].items()} == {"digits": "0", "mnist": "2"}
+    md = summary_markdown(summary)
+    assert "Best per dataset" in md and "digits: job 0" in md and "mnist: job 2" in md and "\nBest: job" not in md
+
+
 # ----- dashboards -----------------------------------------------------------------------------
 
 

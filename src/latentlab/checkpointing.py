@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -160,8 +161,32 @@ class PeriodicCheckpoint(Checkpoint):
         trainer.save_checkpoint(self.last_path, weights_only=False)  # full state: optimisers, loops, callbacks
         self._last_saved_step = trainer.global_step
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._sigterm_pending = False
+        if trainer.world_size > 1:
+            self._record_sigterm_only(trainer)
+
+    def _record_sigterm_only(self, trainer: L.Trainer) -> None:
+        """Under DDP, Lightning's SIGTERM handler calls a broadcast from inside the handler, i.e. wherever the main
+        thread happened to be: a collective the other ranks do not match, and the gloo ranks deadlock (seen with 2
+        processes). This handler only records the signal (and forwards it to the ranks this process launched, as
+        Lightning's does); `on_train_batch_end` agrees on it across ranks, so every rank stops at the same batch."""
+        def handler(signum: int, frame: Any) -> None:
+            if not self._sigterm_pending and trainer.strategy.launcher is not None:
+                trainer.strategy.launcher.kill(signum)
+            self._sigterm_pending = True
+
+        signal.signal(signal.SIGTERM, handler)  # Lightning restores the original handler at teardown
+
+    def _agree_on_sigterm(self, trainer: L.Trainer) -> None:
+        flag = torch.tensor([int(self._sigterm_pending)], device=trainer.strategy.root_device)
+        if bool(trainer.strategy.all_gather(flag).any()):
+            trainer._signal_connector.received_sigterm = True  # Lightning stops every rank after this batch
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if trainer.world_size > 1:
+            self._agree_on_sigterm(trainer)
         n = self.every_n_train_steps
         # "crossed a multiple of n" rather than "global_step % n == 0": two-optimiser methods step by 2
         if n and not self._skip(trainer) and trainer.global_step // n > max(self._last_saved_step, 0) // n:
@@ -175,6 +200,16 @@ class PeriodicCheckpoint(Checkpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.save_on_train_end and not self._skip(trainer):
             self.save(trainer)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Drop Lightning's Slurm requeue snapshots (`hpc_ckpt_N.ckpt`, written on the requeue signal) once fit is
+        done: on Slurm `trainer.test(ckpt_path=None)` loads the newest one, which would test the weights of the
+        interrupted step instead of the trained model. A requeued job resumes from last.ckpt (written at the
+        same step by the SIGTERM that follows the requeue), so nothing needs them after the fit."""
+        if trainer.is_global_zero:
+            for path in Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"):
+                path.unlink(missing_ok=True)
+        trainer.strategy.barrier("latentlab_drop_hpc_checkpoints")
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 import dataclasses
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ from latentlab.builders import (
 from latentlab.report import metrics_markdown
 from latentlab.checkpointing import load_checkpoint_safely
 from latentlab import entry
-from latentlab.errors import CheckpointError, ConfigError
+from latentlab.errors import CheckpointError, ConfigError, DataError
 from latentlab.metrics.classifier import DomainClassifier, Splits, load_or_train_classifier
 from latentlab.estimators import GapSettings, NLLSettings, ais_from_settings
 from latentlab.metrics.posterior import (
@@ -56,6 +57,7 @@ from latentlab.metrics.posterior import (
     posterior_pictures,
 )
 from latentlab.models.base import LatentVariableModel
+from latentlab.progress import progress
 
 log = logging.getLogger("latentlab")
 #: Data-module arguments that give the canonical labelled splits a dataset's classifier is trained on.
@@ -186,13 +188,16 @@ def sample_quality_metrics(model: LatentVariableModel, data_cfg: DictConfig, qcf
     metric = hydra.utils.instantiate(qcfg.metric)(classifier).to(device)
     rows = torch.randperm(len(x_test), generator=torch.Generator().manual_seed(int(qcfg.classifier.seed)))[:n]
     batch = int(qcfg.get("batch_size", 1000))
-    for chunk in x_test[rows].split(batch):
-        metric.update(chunk.to(device), real=True)
-    for start in range(0, n, batch):
-        m = min(batch, n - start)
-        fake = (model.model.sample(m, generator=generator, mean=qcfg.get("generated", "mean") == "mean")
-                if isinstance(model, LatentVariableModel) else model.sample(m, generator=generator))  # a denoiser
-        metric.update(fake, real=False)
+    with progress("sample quality", len(rows) + n, "images") as advance:
+        for chunk in x_test[rows].split(batch):
+            metric.update(chunk.to(device), real=True)
+            advance(len(chunk))
+        for start in range(0, n, batch):
+            m = min(batch, n - start)
+            fake = (model.model.sample(m, generator=generator, mean=qcfg.get("generated", "mean") == "mean")
+                    if isinstance(model, LatentVariableModel) else model.sample(m, generator=generator))  # a denoiser
+            metric.update(fake, real=False)
+            advance(m)
     return metric.compute()
 
 
@@ -246,7 +251,7 @@ def run_analyses(model: LatentVariableModel, datamodule: L.LightningDataModule, 
     if plan.gaps:
         t0 = time.perf_counter()
         batches = first_test_batches(datamodule, plan.gaps, plan.batch_size, device)
-        gaps = inference_gap_metrics(model, batches, plan.gap, nll, generator)
+        gaps = inference_gap_metrics(model, batches, plan.gap, nll, generator, total=plan.gaps)
         if gaps is None:
             log.info("note: %s's posterior has no bound of its own: inference gap skipped", model.method)
         else:
@@ -299,8 +304,19 @@ def publish(loggers: list[Any], metrics: dict[str, float], extra: dict[str, floa
 # --------------------------------------------------------------------------- entry point
 
 
+def data_dir_was_given(cfg: DictConfig) -> bool:
+    """Whether `paths.data_dir` was chosen (an override or LATENTLAB_DATA_DIR) rather than left at its default;
+    only then does it beat the data directory the run itself trained from."""
+    def raw(node: DictConfig) -> Any:
+        return OmegaConf.to_container(node, resolve=False).get("data_dir")  # type: ignore[union-attr]
+
+    default = raw(OmegaConf.load(str(files("latentlab.conf").joinpath("paths", "default.yaml"))))
+    return "LATENTLAB_DATA_DIR" in os.environ or (cfg.get("paths") is not None and raw(cfg.paths) != default)
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Evaluate one checkpoint (see module doc); returns the numeric metrics it wrote to metrics.json."""
+    data_dir_given = data_dir_was_given(cfg)
     resolve_paths(cfg)
     if cfg.get("train_classifier"):
         return train_classifier_only(cfg)
@@ -308,8 +324,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     nll = NLLSettings.coerce(_container(cfg.eval.nll) if cfg.get("eval") and cfg.eval.get("nll") else "standard")
     ckpt = load_checkpoint(cfg.ckpt_path)
     run_cfg = OmegaConf.create(ckpt["latentlab"]["config"])
+    saved_dir = (run_cfg.get("paths") or {}).get("data_dir")
+    if not data_dir_given and saved_dir and Path(saved_dir).is_dir():
+        with open_dict(cfg):  # the classifier cache and the data follow the run's own directory
+            cfg.paths.data_dir = saved_dir
+        log.info("test data from the run's own data directory %s (paths.data_dir=... reads another)", saved_dir)
     with open_dict(run_cfg):
-        run_cfg.paths.data_dir = cfg.paths.data_dir  # the data live where the evaluator runs
+        run_cfg.paths.data_dir = cfg.paths.data_dir
         if "data_dir" in run_cfg.data:  # saved resolved at training time: point it here too
             run_cfg.data.data_dir = cfg.paths.data_dir
         if cfg.get("data_overrides"):
@@ -317,8 +338,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
     datamodule = build_datamodule(run_cfg)
-    datamodule.prepare_data()
-    datamodule.setup("test")
+    try:
+        datamodule.prepare_data()
+        datamodule.setup("test")
+    except DataError as exc:  # the data config comes from the checkpoint: here it is changed through data_overrides
+        raise DataError(str(exc).replace("data.download=true", "+data_overrides.download=true")) from None
     model = build_model(run_cfg, datamodule)
     missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
     if missing or unexpected:

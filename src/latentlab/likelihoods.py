@@ -24,6 +24,14 @@ class Likelihood(nn.Module):
         """log p(x | params) summed over all but the leading batch dims of `x`."""
         raise NotImplementedError
 
+    def pairwise_log_prob(self, x: Tensor, params: Tensor, max_elements: int = 2**24) -> Tensor:
+        """log p(x_b | params_g) for every (g, b): (G, B) from x (B, D) and params (G, P), e.g. a quadrature grid.
+        This default broadcasts in chunks of g (chunk x B x D below `max_elements`); the built-in likelihoods
+        override it with one float64 matrix product."""
+        chunk = max(1, max_elements // max(1, x.shape[0] * params.shape[-1]))
+        return torch.cat([self.log_prob(x, params[i: i + chunk, None, :].expand(-1, x.shape[0], -1))
+                          for i in range(0, params.shape[0], chunk)], 0)
+
     def mean(self, params: Tensor) -> Tensor:
         """E[x | params], used for reconstructions and sample grids."""
         raise NotImplementedError
@@ -40,6 +48,11 @@ class BernoulliLikelihood(Likelihood):
         if x.shape != params.shape:  # the common equal-shape case skips the broadcast (hot path)
             x, params = torch.broadcast_tensors(x, params)
         return -F.binary_cross_entropy_with_logits(params, x, reduction="none").sum(-1)
+
+    def pairwise_log_prob(self, x: Tensor, params: Tensor, max_elements: int = 2**24) -> Tensor:
+        # log p = sum_d x_d l_d - softplus(l_d) (also for x in [0, 1]): one (G, D) x (D, B) product
+        logits = params.double()
+        return (logits @ x.double().T - F.softplus(logits).sum(-1, keepdim=True)).to(params.dtype)
 
     def mean(self, params: Tensor) -> Tensor:
         return torch.sigmoid(params)
@@ -82,6 +95,13 @@ class GaussianLikelihood(Likelihood):
     def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
         mu, log_var = self._split(params)
         return -0.5 * (LOG_2PI + log_var + (x - mu).pow(2) * torch.exp(-log_var)).sum(-1)
+
+    def pairwise_log_prob(self, x: Tensor, params: Tensor, max_elements: int = 2**24) -> Tensor:
+        # (x - mu)^2 / var expanded: three (G, D) x (D, B) products instead of a (G, B, D) tensor
+        mu, log_var = (t.double() for t in self._split(params))
+        precision, x = torch.exp(-log_var), x.double()
+        quad = precision @ (x * x).T - 2.0 * (mu * precision) @ x.T + (mu * mu * precision).sum(-1, keepdim=True)
+        return (-0.5 * (quad + (LOG_2PI + log_var).sum(-1, keepdim=True))).to(params.dtype)
 
     def mean(self, params: Tensor) -> Tensor:
         return self._split(params)[0]

@@ -10,7 +10,8 @@
 for the basic launcher, Optuna and submitit (whose jobs run in other processes or on other machines),
 and a sweep that stops half-way still leaves a summary of the jobs that finished; a job without
 `metrics.json` is listed as failed. The best job is picked by `optimized_metric` (what the train
-function returns to Optuna) in the sweeper's direction.
+function returns to Optuna) in the sweeper's direction, per dataset: jobs on different data are never ranked
+together (`best` is set only when the sweep has one dataset; `best_by_data` always).
 """
 
 from __future__ import annotations
@@ -83,10 +84,16 @@ def summarize_sweep(sweep_dir: str | Path, metric: str | None = None, direction:
         jobs.append({"job": str(d.relative_to(root)), "dir": str(d), "overrides": overrides, "data": data_of(d) or "?",
                      "status": "completed" if metrics is not None else "failed", "metrics": metrics or {},
                      "value": _finite((metrics or {}).get(metric)) if metric else None})
-    scored = [j for j in jobs if j["value"] is not None]
-    best = (min if direction == "minimize" else max)(scored, key=lambda j: j["value"]) if scored else None
+    # the best job of each dataset: numbers on different data are never ranked against each other
+    by_data: dict[str, list[dict[str, Any]]] = {}
+    for j in jobs:
+        if j["value"] is not None:
+            by_data.setdefault(j["data"], []).append(j)
+    pick = min if direction == "minimize" else max
+    best_by_data = {data: pick(js, key=lambda j: j["value"]) for data, js in by_data.items()}
     summary: dict[str, Any] = {
-        "sweep_dir": str(root), "metric": metric, "direction": direction, "jobs": jobs, "best": best,
+        "sweep_dir": str(root), "metric": metric, "direction": direction, "jobs": jobs,
+        "best": next(iter(best_by_data.values())) if len(best_by_data) == 1 else None, "best_by_data": best_by_data,
         "n_completed": sum(j["status"] == "completed" for j in jobs),
         "n_failed": sum(j["status"] == "failed" for j in jobs),
     }
@@ -98,13 +105,17 @@ def summarize_sweep(sweep_dir: str | Path, metric: str | None = None, direction:
 
 def summary_markdown(summary: dict[str, Any]) -> str:
     """The summary as markdown: a header naming the best job, then one row per job (`latentlab.compare`'s table)."""
-    metric, best = summary["metric"], summary["best"]
+    metric, best_by_data = summary["metric"], summary.get("best_by_data") or {}
     lines = [f"# Sweep {summary['sweep_dir']}", "",
              f"{len(summary['jobs'])} jobs: {summary['n_completed']} completed, {summary['n_failed']} failed."]
     if metric:
         lines.append(f"Optimised metric: `{metric}` ({summary['direction']}).")
-    if best is not None:
+    if len(best_by_data) == 1:
+        best = next(iter(best_by_data.values()))
         lines.append(f"Best: job {best['job']}, {metric} = {best['value']:.4f}.")
+    elif best_by_data:
+        lines.append("Best per dataset (jobs on different data are not ranked together): " + "; ".join(
+            f"{data}: job {b['job']}, {metric} = {b['value']:.4f}" for data, b in best_by_data.items()) + ".")
     if "optuna" in summary:
         lines.append(f"Optuna's best parameters: `{summary['optuna'].get('best_params')}`.")
     # rows are named by what differs between jobs; what all jobs share is said once

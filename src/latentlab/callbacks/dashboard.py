@@ -24,7 +24,6 @@ Everything is written by rank 0 only and works with W&B offline (`wandb sync <ru
 from __future__ import annotations
 
 import logging
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from torch import Tensor
 
 from latentlab.callbacks.images import is_logger, private_rng
 from latentlab.errors import ConfigError
+from latentlab.progress import reroute_logging, restore_logging
 
 log = logging.getLogger("latentlab")
 
@@ -97,30 +97,15 @@ class MethodProgressBar(RichProgressBar):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         super().on_train_start(trainer, pl_module)
-        self._route_logging_through_rich()
+        self._rerouted = reroute_logging(getattr(self, "_rerouted", None))
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         super().on_train_epoch_start(trainer, pl_module)
-        self._route_logging_through_rich()
+        self._rerouted = reroute_logging(getattr(self, "_rerouted", None))
 
     def teardown(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
-        for handler, stream in getattr(self, "_rerouted", []):
-            handler.setStream(stream)
-        self._rerouted: list[tuple[logging.StreamHandler, Any]] = []
+        restore_logging(getattr(self, "_rerouted", []))
         super().teardown(trainer, pl_module, stage)
-
-    def _route_logging_through_rich(self) -> None:
-        """While Rich's live display redirects sys.stdout/stderr (on a terminal), point the logging
-        handlers that write to the real streams at the redirected ones, which print above the bar."""
-        rerouted = getattr(self, "_rerouted", [])
-        self._rerouted = rerouted
-        real = {id(sys.__stdout__): "stdout", id(sys.__stderr__): "stderr"}
-        for handler in logging.getLogger().handlers:
-            if type(handler) is logging.StreamHandler and id(handler.stream) in real:
-                current = getattr(sys, real[id(handler.stream)])
-                if current is not handler.stream:
-                    rerouted.append((handler, handler.stream))
-                    handler.setStream(current)
 
 
 class MethodModelSummary(RichModelSummary):

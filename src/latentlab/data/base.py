@@ -210,7 +210,9 @@ class LatentDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled per epoch by a keyed stream and resumable mid-epoch (`latentlab.data.resumable`)."""
-        sampler = ResumableSampler(self.num_train, self.seed, shuffle=self.shuffle)
+        trainer = self.trainer  # under DDP each rank takes its share of the one keyed order
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ResumableSampler(self.num_train, self.seed, shuffle=self.shuffle, num_replicas=world, rank=rank)
         return self._loader("train", self.batch_size, sampler=sampler, position=self._train_position)
 
     def _train_position(self) -> tuple[int, int]:

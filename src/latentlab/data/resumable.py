@@ -20,19 +20,25 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from latentlab.rng import Stream, keyed_generator
 
 Position = Callable[[], tuple[int, int]]  # () -> (epoch, batches of it done)
 
 
-class ResumableSampler(Sampler[int]):
-    """Indices 0..n-1, shuffled per epoch by a keyed generator (or in order), from `start` on once."""
+class ResumableSampler(DistributedSampler):
+    """Indices 0..n-1, shuffled per epoch by a keyed generator (or in order), from `start` on once.
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
-        self.n, self.seed, self.shuffle = int(n), int(seed), bool(shuffle)
-        self.epoch = 0
+    Under DDP each of `num_replicas` ranks takes every num_replicas-th index of the epoch's order (padded
+    by wrapping around to equal length, as `DistributedSampler` does); `start` counts this rank's indices.
+    Being a `DistributedSampler`, Lightning uses it as it is rather than wrapping it (a wrapper would
+    reshuffle and slice the order so that a mid-epoch resume no longer continues it).
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(range(int(n)), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.n = int(n)
         self._start = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -40,20 +46,23 @@ class ResumableSampler(Sampler[int]):
             self.epoch, self._start = int(epoch), 0
 
     def resume(self, epoch: int, start: int) -> None:
-        """The next iterator yields epoch `epoch`'s order from its `start`-th index."""
+        """The next iterator yields epoch `epoch`'s order (this rank's share) from its `start`-th index."""
         self.epoch, self._start = int(epoch), int(start)
 
     def order(self, epoch: int) -> torch.Tensor:
-        if not self.shuffle:
-            return torch.arange(self.n)
-        return torch.randperm(self.n, generator=keyed_generator(self.seed, Stream.SHUFFLE, epoch))
+        """This rank's indices of epoch `epoch`, in order."""
+        order = (torch.randperm(self.n, generator=keyed_generator(self.seed, Stream.SHUFFLE, epoch)) if self.shuffle
+                 else torch.arange(self.n))
+        if self.total_size > self.n:
+            order = torch.cat([order, order.repeat(self.total_size // self.n + 1)[: self.total_size - self.n]])
+        return order[self.rank: self.total_size: self.num_replicas]
 
     def __iter__(self) -> Iterator[int]:
         start, self._start = self._start, 0
         yield from self.order(self.epoch)[start:].tolist()
 
     def __len__(self) -> int:
-        return self.n
+        return self.num_samples
 
 
 class ResumableDataLoader(DataLoader):

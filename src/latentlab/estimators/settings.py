@@ -108,7 +108,7 @@ class NLLSettings:
     def budget(self, estimator: str) -> str:
         """A short label of the budget that produced a number, e.g. `is k=1000` or `ais 500x4 L=5`."""
         if estimator == "is":
-            return f"is k={self.k}"
+            return f"is k={self.k}" + (f" defensive x{self.is_inflation:g}" if self.is_inflation != 1.0 else "")
         return f"ais {self.ais_steps}x{self.ais_chains} L={self.ais_leapfrog} from {self.ais_start}"
 
 

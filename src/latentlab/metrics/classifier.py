@@ -27,6 +27,7 @@ from torchmetrics.functional.classification import multiclass_accuracy
 from latentlab.data.idx import read_idx
 from latentlab.errors import DataError
 from latentlab.nets import MLP, ConvEncoder
+from latentlab.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -122,13 +123,15 @@ def train_classifier(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: T
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
     model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x_train), generator=gen).split(batch_size):
-            loss = nn.functional.cross_entropy(model(x_train[idx].to(device)), y_train[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+    with progress("classifier training", epochs * steps_per_epoch, "steps") as advance:
+        for _ in range(epochs):
+            for idx in torch.randperm(len(x_train), generator=gen).split(batch_size):
+                loss = nn.functional.cross_entropy(model(x_train[idx].to(device)), y_train[idx].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                advance()
     model.requires_grad_(False)
     preds = predict_logits(model, x_test).argmax(-1).cpu()
     acc = float(multiclass_accuracy(preds, y_test, num_classes=num_classes, average="micro"))

@@ -43,18 +43,14 @@ def latent_grid(limit: float = 6.0, resolution: int = 241, device: torch.device 
 def grid_log_joint(model: GenerativeModel, x: Tensor, z: Tensor, max_elements: int = 2**24) -> Tensor:
     """log p(x_b, z_g) for every grid point g and example b, (G, batch).
 
-    The decoder runs once per grid point (not once per pair); the likelihood is evaluated in chunks of
-    grid points so that chunk * batch * data_dim stays below `max_elements`.
+    The decoder runs once per grid point (not once per pair); the likelihood scores all pairs at once
+    (`Likelihood.pairwise_log_prob`: a matrix product for the built-in likelihoods).
     """
     if model.latent_dim != 2:
         raise ConfigError(f"grid quadrature needs a 2-d latent, the model has latent_dim={model.latent_dim}")
     params = model.decode(z)
-    log_prior = model.prior.log_prob(z)
-    chunk = max(1, max_elements // max(1, x.shape[0] * params.shape[-1]))
-    batch = x.shape[0]
-    out = [model.likelihood.log_prob(x, params[i: i + chunk, None, :].expand(-1, batch, -1))
-           for i in range(0, z.shape[0], chunk)]
-    return torch.cat(out, 0) + log_prior[:, None]
+    return model.likelihood.pairwise_log_prob(x.reshape(x.shape[0], -1), params, max_elements) \
+        + model.prior.log_prob(z)[:, None]
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ from latentlab.generative import GenerativeModel
 from latentlab.metrics.grid import grid_log_joint, latent_grid
 from latentlab.metrics.loglik import MeanAndSE
 from latentlab.posterior import Posterior
+from latentlab.progress import progress
 
 Batch = tuple[Tensor, Tensor]
 
@@ -126,15 +127,18 @@ def gap_terms(module: MethodLike, x: Tensor, index: Tensor | None, settings: Gap
 
 def inference_gap_metrics(module: MethodLike, batches: Iterable[Batch], settings: GapSettings | None = None,
                           nll: NLLSettings | None = None, generator: torch.Generator | None = None,
-                          metric: InferenceGap | None = None) -> dict[str, float] | None:
-    """Run `gap_terms` over `batches` of (x, index) and reduce them; None if the method has no bound."""
+                          metric: InferenceGap | None = None, total: int | None = None) -> dict[str, float] | None:
+    """Run `gap_terms` over `batches` of (x, index) and reduce them; None if the method has no bound.
+    `total` (examples) sizes the progress bar."""
     settings, nll = settings or GapSettings(), nll or NLLSettings.preset("standard")
     metric = metric if metric is not None else InferenceGap()
-    for x, index in batches:
-        terms = gap_terms(module, x, index, settings, nll, generator)
-        if terms is None:
-            return None
-        metric.update(terms["log_px"], terms["elbo"], terms.get("elbo_local"), terms.get("converged"))
+    with progress("inference gaps", total, "examples") as advance:
+        for x, index in batches:
+            terms = gap_terms(module, x, index, settings, nll, generator)
+            if terms is None:
+                return None
+            metric.update(terms["log_px"], terms["elbo"], terms.get("elbo_local"), terms.get("converged"))
+            advance(x.shape[0])
     return metric.compute()
 
 
@@ -153,11 +157,14 @@ def bdmc_metrics(module: MethodLike, n_examples: int, ais: AnnealedImportanceSam
         raise ConfigError(f"BDMC needs n_examples >= 1 and batch_size >= 1, got {n_examples}, {batch_size}")
     model, nll = module.model, nll or NLLSettings.preset("standard")
     metric = BDMCBounds()
-    for start in range(0, n_examples, batch_size):
-        result = bdmc(model.log_joint, model, min(batch_size, n_examples - start), ais=ais,
-                      init=lambda x: ais_start(model, x, module.posterior(x, None), nll, generator),
-                      latent_dim=model.latent_dim, generator=generator)
-        metric.update(result.log_px_lower, result.log_px_upper)
+    with progress("BDMC", n_examples, "simulated examples") as advance:
+        for start in range(0, n_examples, batch_size):
+            n = min(batch_size, n_examples - start)
+            result = bdmc(model.log_joint, model, n, ais=ais,
+                          init=lambda x: ais_start(model, x, module.posterior(x, None), nll, generator),
+                          latent_dim=model.latent_dim, generator=generator)
+            metric.update(result.log_px_lower, result.log_px_upper)
+            advance(n)
     return metric.compute()
 
 
