@@ -169,6 +169,13 @@ def test_almond_reaches_the_ppca_maximum_likelihood(trained_ppca: tuple[ALMOND, 
     assert bool(model.visited.all())
 
 
+def test_aggregate_posterior_is_the_first_persistent_chain_of_every_training_example(
+        trained_ppca: tuple[ALMOND, torch.Tensor, torch.Tensor]) -> None:
+    """What a latent prior is fitted to (latentlab.latent_prior): ALMOND's own chains, not fresh draws."""
+    model, x_train, _ = trained_ppca
+    assert torch.equal(model.aggregate_posterior(x_train), model.chains[0])
+
+
 def test_posterior_draws_give_the_exact_log_likelihood(
         trained_ppca: tuple[ALMOND, torch.Tensor, torch.Tensor]) -> None:
     """ALMOND's posterior has no density, so the protocol runs AIS from the Gaussian fitted to its draws. Those

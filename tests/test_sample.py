@@ -79,7 +79,27 @@ def test_red_solver_for_denoisers(checkpoints: dict[str, Path], tmp_path: Path) 
     assert record["inpaint/mse"] > 0
 
 
+def test_latent_prior_fit_then_sample_and_its_clear_errors(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """task=fit_prior writes latent_prior.pt beside the checkpoint (and the energy distances it reports); then
+    prior=latent_denoiser samples images shaped like the data. A checkpoint without a prior, and a denoiser, are
+    refused with a line that says what to do."""
+    from latentlab.errors import CheckpointError
+
+    ckpt = checkpoints["vae"]
+    (ckpt.parent / "latent_prior.pt").unlink(missing_ok=True)
+    with pytest.raises(CheckpointError, match="no latent prior fitted .* task=fit_prior first"):
+        run_sample(tmp_path, ckpt, "n=4", "prior=latent_denoiser")
+    _, record = run_sample(tmp_path, ckpt, "n=4", "task=fit_prior", "latent_prior.steps=200", "latent_prior.n_steps=5")
+    assert (ckpt.parent / "latent_prior.pt").is_file()
+    assert record["fit_prior/energy_distance_learned"] >= 0 and record["fit_prior/energy_distance_standard"] >= 0
+    arrays, _ = run_sample(tmp_path, ckpt, "n=5", "prior=latent_denoiser")
+    assert arrays["x"].shape == (5, 1, 8, 8) and np.isfinite(arrays["x"]).all()
+    with pytest.raises(ConfigError, match="a latent prior is for latent models"):
+        run_sample(tmp_path, checkpoints["denoiser"], "n=2", "task=fit_prior")
+
+
 @pytest.mark.parametrize("bad, message", [("task=paint", "task='paint' is not a task"),
+                                          ("prior=flow", "prior='flow' is not a prior"),
                                           ("solver=admm", "solver='admm' is not a solver"),
                                           ("task=inpaint mask=top_half", "mask='top_half' is not a mask"),
                                           ("out=samples.png", "must name a .npz file")])

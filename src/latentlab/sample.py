@@ -4,6 +4,8 @@
     latentlab-sample ckpt_path=C task=inpaint mask=bottom_half|left_half|random n=16 out=inpaint.npz
     latentlab-sample ckpt_path=C task=denoise noise=0.2 n=16 out=denoise.npz
     latentlab-sample ckpt_path=<denoiser> sampler=score_ula                           # another score sampler
+    latentlab-sample ckpt_path=C task=fit_prior      # fit a latent denoiser prior to C's aggregate posterior
+    latentlab-sample ckpt_path=C prior=latent_denoiser n=64 out=samples.npz          # and sample through it
 
 Latent models sample x = E[x | z], z ~ p(z) (`model.sample`); denoisers sample by Langevin with their
 Tweedie score (the checkpoint's `model.sampler`, or `sampler=<preset>` from conf/sampler/). Inverse
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from latentlab import entry
+from latentlab import entry, latent_prior
 from latentlab.errors import CheckpointError, ConfigError
 from latentlab.inverse import (
     MASKS,
@@ -38,8 +40,9 @@ from latentlab.inverse import (
 )
 
 log = logging.getLogger("latentlab")
-TASKS = ("sample", "inpaint", "denoise")
+TASKS = ("sample", "inpaint", "denoise", "fit_prior")
 SOLVERS = ("langevin", "red")
+PRIORS = ("standard", "latent_denoiser")
 
 
 def check_request(cfg: DictConfig) -> None:
@@ -52,6 +55,8 @@ def check_request(cfg: DictConfig) -> None:
         raise ConfigError(f"n must be an integer >= 1, got {cfg.n!r}")
     if cfg.task == "denoise" and not (isinstance(cfg.noise, (int, float)) and cfg.noise > 0):
         raise ConfigError(f"noise must be a number > 0 for task=denoise, got {cfg.noise!r}")
+    if cfg.prior not in PRIORS:
+        raise ConfigError(f"prior={cfg.prior!r} is not a prior; choose one of {'|'.join(PRIORS)}")
     if cfg.solver not in SOLVERS:
         raise ConfigError(f"solver={cfg.solver!r} is not a solver; choose one of {'|'.join(SOLVERS)} (red: denoisers only)")
     if not str(cfg.out).endswith(".npz"):
@@ -90,7 +95,15 @@ def solve(cfg: DictConfig, model: Any, datamodule: Any, generator: torch.Generat
     """The arrays to write and the metrics of `cfg.task` (see module doc)."""
     is_denoiser = getattr(model, "method", "") == "denoiser"
     score_sampler = hydra.utils.instantiate(cfg.sampler) if cfg.get("sampler") else None
+    if is_denoiser and (cfg.task == "fit_prior" or cfg.prior != "standard"):
+        raise ConfigError("a latent prior is for latent models (vae, avb, almond); this checkpoint is a denoiser, "
+                          "which samples by Langevin in data space: drop task=fit_prior / prior=latent_denoiser")
+    if cfg.task == "fit_prior":
+        return fit_prior(cfg, model, datamodule, generator)
     if cfg.task == "sample":
+        if cfg.prior == "latent_denoiser":
+            prior = latent_prior.load(latent_prior.prior_path(cfg.ckpt_path))
+            return {"x": latent_prior.sample_latent_prior(model, prior, cfg.n, generator)}, {}
         extra = {"sampler": score_sampler} if is_denoiser else {}
         return {"x": model.sample(cfg.n, generator=generator, **extra)}, {}
     target = datamodule.data("test")[: cfg.n]
@@ -122,6 +135,22 @@ def solve(cfg: DictConfig, model: Any, datamodule: Any, generator: torch.Generat
     mean_image = datamodule.data("train").mean(0, keepdim=True).expand_as(target)
     metrics.update({f"{cfg.task}/mean_image_{k}": v for k, v in hidden_pixel_metrics(mean_image, target, mask).items()})
     return {"x": x, "y": y, "target": target, "mask": mask}, metrics
+
+
+def fit_prior(cfg: DictConfig, model: Any, datamodule: Any, generator: torch.Generator) -> tuple[dict[str, Any], dict[str, float]]:
+    """Fit the latent prior, save it beside the checkpoint, and say how much closer than N(0, I) its samples come
+    to held-out codes (energy distance to the test split's aggregate posterior, 0 for the same law)."""
+    settings = latent_prior.LatentPriorSettings(**OmegaConf.to_container(cfg.latent_prior, resolve=True))  # type: ignore[arg-type]
+    prior, _ = latent_prior.fit_latent_prior(model, datamodule.data("train"), settings)
+    path = latent_prior.save(prior, settings, latent_prior.prior_path(cfg.ckpt_path), str(cfg.ckpt_path))
+    held = model.aggregate_posterior(datamodule.data("test")[:1000], generator).cpu()
+    learned = prior.sample(len(held), generator=generator)
+    standard = torch.randn(held.shape, generator=generator)
+    metrics = {"fit_prior/energy_distance_standard": latent_prior.energy_distance(standard, held),
+               "fit_prior/energy_distance_learned": latent_prior.energy_distance(learned, held)}
+    log.info("latent prior fitted to %d codes, saved to %s", min(settings.n_codes, len(datamodule.data("train"))), path)
+    x = model.model.likelihood.mean(model.model.decode(learned[: cfg.n].to(model.device)))
+    return {"x": x}, metrics
 
 
 def sample(cfg: DictConfig) -> dict[str, float]:

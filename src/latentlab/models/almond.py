@@ -304,6 +304,19 @@ class ALMOND(LatentVariableModel):
         return optimizers, [{"scheduler": self.scheduler_factory(mstep), "interval": "epoch"}]
 
     # ----- the posterior contract ---------------------------------------------------------------
+    @torch.no_grad()
+    def aggregate_posterior(self, x: Tensor, generator: torch.Generator | None = None, batch_size: int = 500) -> Tensor:
+        """The first persistent chain of every training example the E-step visited (x (N, D) the training split, in
+        order); unvisited examples get fresh chains as in `posterior`."""
+        store = self.store
+        if store is None or store.num_examples != x.shape[0]:
+            return super().aggregate_posterior(x, generator, batch_size)
+        z = store.z[0].clone()
+        fresh = (~store.visited).nonzero().flatten()
+        for ids in fresh.split(batch_size):
+            z[ids] = self.posterior(x[ids.to(x.device)], None).sample(1, generator)[0].to(z)
+        return z
+
     def _current_split(self) -> str:
         """The split the trainer works on: val/test/predict in those loops, train while fitting or after a fit
         (callbacks placing training examples), val without a trainer (an index then counts positions in a split

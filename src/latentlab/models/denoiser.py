@@ -151,6 +151,7 @@ class Denoiser(L.LightningModule):
         checkpoint["latentlab"] = {"method": self.method, "version": latentlab.__version__, "config": self.run_config}
 
 
+@torch.enable_grad()  # it trains, whatever the caller's grad mode (latentlab-sample runs under no_grad)
 def fit_denoiser(points: Tensor, steps: int = 3000, batch_size: int = 512, lr: float = 3e-3, n_levels: int = 8,
                  sigma_max: float | None = None, sigma_min: float | None = None, net: Mapping[str, Any] | None = None,
                  seed: int = 0, sampler: ScoreSampler | None = None) -> Denoiser:

@@ -21,9 +21,12 @@ from latentlab.nets.mlp import MLP, activation
 
 
 def sigma_features(sigma: Tensor, n: int = 8) -> Tensor:
-    """(batch,) -> (batch, 2n): sin/cos of log(sigma) at frequencies 1..n (a smooth sigma embedding)."""
+    """(batch,) -> (batch, 2n): sin/cos of c_noise = log(sigma) / 4 (Karras et al.) at frequencies 1..n.
+
+    Why / 4: with log(sigma) itself, frequency 8 turns about 7 times over a ladder 4.7 -> 0.014 and the MLP
+    learned no score below sigma ~ 0.7 on the ring (relative error 0.98); with / 4 it is 0.6 there."""
     freqs = torch.arange(1, n + 1, dtype=sigma.dtype, device=sigma.device)
-    arg = sigma.log().unsqueeze(-1) * freqs
+    arg = (sigma.log() / 4.0).unsqueeze(-1) * freqs
     return torch.cat([arg.sin(), arg.cos()], -1)
 
 
