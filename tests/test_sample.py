@@ -98,6 +98,38 @@ def test_latent_prior_fit_then_sample_and_its_clear_errors(checkpoints: dict[str
         run_sample(tmp_path, checkpoints["denoiser"], "n=2", "task=fit_prior")
 
 
+def test_eval_judges_a_denoiser_by_its_samples_and_says_nll_is_not_available(checkpoints: dict[str, Path],
+                                                                             tmp_path: Path) -> None:
+    metrics = api.evaluate(checkpoints["denoiser"], ["eval.samples=100", "eval.quality.classifier.min_steps=150",
+                                                     "eval.quality.metric.kid_subsets=5", "eval.quality.metric.is_splits=2",
+                                                     f"paths.data_dir={tmp_path / 'data'}"], run_dir=tmp_path / "eval")
+    assert {"test/fid", "test/precision", "test/recall", "test/classifier_acc"} <= set(metrics)
+    record = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert record["method"] == "denoiser" and "not available" in record["test/nll_estimator"]
+    assert "test/nll" not in record
+
+
+@pytest.mark.parametrize("method, train", [
+    ("vae", ["model=vae", "trainer.max_epochs=5"]),
+    ("almond", ["model=almond", "model.vae_epochs=4", "trainer.max_epochs=5", "model.n_chains=1"])])
+def test_mnist_inpainting_by_latent_langevin_beats_the_mean_image(method: str, train: list[str], tmp_path: Path,
+                                                                   shared_data_dir: Path) -> None:
+    """Bottom halves of 100 MNIST test digits, completed by Langevin on z given the top half (then decoded): the
+    hidden-pixel MSE must beat filling them with the mean training image, which knows nothing of the top half.
+    (A completion is one posterior draw, so its expected error is the MMSE plus the posterior variance: it beats
+    the mean image by less than the posterior mean would.)"""
+    data = tmp_path / "data"
+    (data / "mnist").mkdir(parents=True)
+    for f in (shared_data_dir / "mnist").iterdir():
+        (data / "mnist" / f.name).symlink_to(f)
+    _, run_dir = api.train([*train, "data=mnist", f"paths.data_dir={data}", "data.train_subset=10000", "data.val_size=100",
+                            "test=false", "logger=none", "callbacks.image_grid=null", "callbacks.progress_bar=null",
+                            "trainer.enable_model_summary=false", "eval.val_nll.val_every_n_epochs=0"], run_dir=tmp_path / method)
+    _, record = run_sample(tmp_path, run_dir / "checkpoints" / "last.ckpt", "n=100", "task=inpaint", "mask=bottom_half",
+                           f"paths.data_dir={data}", "latent_sampler.n_steps=500")
+    assert record["inpaint/mse"] < record["inpaint/mean_image_mse"], record
+
+
 @pytest.mark.parametrize("bad, message", [("task=paint", "task='paint' is not a task"),
                                           ("prior=flow", "prior='flow' is not a prior"),
                                           ("solver=admm", "solver='admm' is not a solver"),
