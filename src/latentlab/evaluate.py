@@ -32,6 +32,7 @@ from typing import Any, Iterator
 import hydra
 import lightning.pytorch as L
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor
 
@@ -353,7 +354,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if isinstance(model, LatentVariableModel):  # the denoiser has no p(z), so no log p(x) budget
         model.configure_evaluation(test=nll, seed=cfg.get("seed"))
     loggers = build_loggers(cfg)
-    trainer = build_trainer(cfg, [], loggers)
+    # the test pass (AIS, the slow part) shows the same Rich progress as the analyses after it
+    bar = [RichProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []
+    trainer = build_trainer(cfg, bar, loggers)
     trainer.test(model, datamodule=datamodule)
     metrics = scalar_metrics(trainer.callback_metrics)
 
