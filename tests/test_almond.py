@@ -174,6 +174,8 @@ def test_aggregate_posterior_is_the_first_persistent_chain_of_every_training_exa
     """What a latent prior is fitted to (latentlab.latent_prior): ALMOND's own chains, not fresh draws."""
     model, x_train, _ = trained_ppca
     assert torch.equal(model.aggregate_posterior(x_train), model.chains[0])
+    rows = torch.tensor([5, 2, 9])
+    assert torch.equal(model.aggregate_posterior(x_train, index=rows), model.chains[0][rows])
 
 
 def test_posterior_draws_give_the_exact_log_likelihood(

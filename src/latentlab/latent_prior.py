@@ -58,7 +58,7 @@ def fit_latent_prior(module: Any, train_x: Tensor, settings: LatentPriorSettings
     settings = settings or LatentPriorSettings()
     generator = torch.Generator().manual_seed(settings.seed)
     rows = torch.randperm(train_x.shape[0], generator=generator)[: settings.n_codes].sort().values
-    codes = module.aggregate_posterior(train_x, generator)[rows].detach().cpu()
+    codes = module.aggregate_posterior(train_x, generator, index=rows).detach().cpu()
     std = float(codes.std())
     model = fit_denoiser(codes, steps=settings.steps, n_levels=settings.n_levels, sigma_min=settings.sigma_min_rel * std,
                          net={"hidden_dims": list(settings.hidden_dims), "activation": "silu"}, seed=settings.seed)
@@ -93,10 +93,14 @@ def load(path: str | Path) -> Denoiser:
 
 
 @torch.no_grad()
+def decode_mean(module: Any, z: Tensor) -> Tensor:
+    """x = E[x | z] (n, data_dim) under the module's generative model: how a latent draw becomes a picture."""
+    return module.model.likelihood.mean(module.model.decode(z.to(module.device)))
+
+
 def sample_latent_prior(module: Any, prior: Denoiser, n: int, generator: torch.Generator | None = None) -> Tensor:
     """n samples x = E[x | z] (n, data_dim), z by annealed Langevin on the latent denoiser's score."""
-    z = prior.sample(n, generator=generator)
-    return module.model.likelihood.mean(module.model.decode(z.to(module.device)))
+    return decode_mean(module, prior.sample(n, generator=generator))
 
 
 def energy_distance(a: Tensor, b: Tensor) -> float:

@@ -149,8 +149,7 @@ def fit_prior(cfg: DictConfig, model: Any, datamodule: Any, generator: torch.Gen
     metrics = {"fit_prior/energy_distance_standard": latent_prior.energy_distance(standard, held),
                "fit_prior/energy_distance_learned": latent_prior.energy_distance(learned, held)}
     log.info("latent prior fitted to %d codes, saved to %s", min(settings.n_codes, len(datamodule.data("train"))), path)
-    x = model.model.likelihood.mean(model.model.decode(learned[: cfg.n].to(model.device)))
-    return {"x": x}, metrics
+    return {"x": latent_prior.decode_mean(model, learned[: cfg.n])}, metrics
 
 
 def sample(cfg: DictConfig) -> dict[str, float]:

@@ -110,18 +110,23 @@ def fit_local_gaussian(log_joint: LogJoint, x: Tensor, mu0: Tensor, log_var0: Te
     return LocalGaussian(mu, log_var, elbo, converged, taken)
 
 
-def inference_gaps(log_px: Tensor, elbo_amortized: Tensor, elbo_local: Tensor | None = None) -> dict[str, float]:
-    """Means over examples (and standard errors `*_se`) of the Cremer et al. decomposition.
-
-    Always: `log_px`, `elbo_amortized`, `inference_gap` = log p(x) - ELBO[q_amortized]. With `elbo_local`
-    also `approximation_gap` = log p(x) - ELBO[q*] and `amortization_gap` = ELBO[q*] - ELBO[q_amortized].
-    """
-    if log_px.shape != elbo_amortized.shape or (elbo_local is not None and elbo_local.shape != log_px.shape):
-        raise ConfigError("inference_gaps needs per-example tensors of one shape (batch,)")
-    per_example = {"log_px": log_px, "elbo_amortized": elbo_amortized, "inference_gap": log_px - elbo_amortized}
+def per_example_gaps(log_px: Tensor, elbo: Tensor, elbo_local: Tensor | None = None, elbo_key: str = "elbo",
+                     caller: str = "per_example_gaps") -> dict[str, Tensor]:
+    """The Cremer et al. decomposition per example: `log_px`, the method's bound (under `elbo_key`), `inference_gap`
+    = log p(x) - bound; with `elbo_local` (the best local Gaussian's ELBO) also `elbo_local`, `approximation_gap` =
+    log p(x) - ELBO[q*] and `amortization_gap` = ELBO[q*] - bound. The one definition behind `inference_gaps` and
+    the `metrics.InferenceGap` Metric."""
+    if log_px.shape != elbo.shape or (elbo_local is not None and elbo_local.shape != log_px.shape):
+        raise ConfigError(f"{caller} needs per-example tensors of one shape (batch,)")
+    values = {"log_px": log_px, elbo_key: elbo, "inference_gap": log_px - elbo}
     if elbo_local is not None:
-        per_example |= {"elbo_local": elbo_local, "approximation_gap": log_px - elbo_local,
-                        "amortization_gap": elbo_local - elbo_amortized}
+        values |= {"elbo_local": elbo_local, "approximation_gap": log_px - elbo_local, "amortization_gap": elbo_local - elbo}
+    return values
+
+
+def inference_gaps(log_px: Tensor, elbo_amortized: Tensor, elbo_local: Tensor | None = None) -> dict[str, float]:
+    """Means over examples (and standard errors `*_se`) of `per_example_gaps`, the bound as `elbo_amortized`."""
+    per_example = per_example_gaps(log_px, elbo_amortized, elbo_local, "elbo_amortized", "inference_gaps")
     out: dict[str, float] = {}
     for name, values in per_example.items():
         out[name], out[f"{name}_se"] = mean_and_se(values.detach().double())

@@ -23,6 +23,7 @@ from torch import Tensor
 from latentlab.errors import ConfigError
 from latentlab.estimators import (AnnealedImportanceSampling, GapSettings, NLLSettings, ais_start, bdmc,
                                   estimate_log_px, fit_local_gaussian)
+from latentlab.estimators.gaps import per_example_gaps
 from latentlab.generative import GenerativeModel
 from latentlab.metrics.grid import grid_log_joint, latent_grid
 from latentlab.metrics.loglik import MeanAndSE
@@ -59,12 +60,8 @@ class InferenceGap(MeanAndSE):
 
     def update(self, log_px: Tensor, elbo: Tensor, elbo_local: Tensor | None = None,  # type: ignore[override]
                converged: Tensor | None = None) -> None:
-        if log_px.shape != elbo.shape or (elbo_local is not None and elbo_local.shape != log_px.shape):
-            raise ConfigError("InferenceGap.update needs per-example tensors of one shape (batch,)")
-        values = {"log_px": log_px, "elbo": elbo, "inference_gap": log_px - elbo}
+        values = per_example_gaps(log_px, elbo, elbo_local, caller="InferenceGap.update")
         if elbo_local is not None:
-            values |= {"elbo_local": elbo_local, "approximation_gap": log_px - elbo_local,
-                       "amortization_gap": elbo_local - elbo}
             values["local_converged"] = (converged if converged is not None else torch.ones_like(log_px)).double()
         super().update(**{k: v.double() for k, v in values.items()})
 

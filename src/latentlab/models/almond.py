@@ -305,16 +305,18 @@ class ALMOND(LatentVariableModel):
 
     # ----- the posterior contract ---------------------------------------------------------------
     @torch.no_grad()
-    def aggregate_posterior(self, x: Tensor, generator: torch.Generator | None = None, batch_size: int = 500) -> Tensor:
-        """The first persistent chain of every training example the E-step visited (x (N, D) the training split, in
-        order); unvisited examples get fresh chains as in `posterior`."""
+    def aggregate_posterior(self, x: Tensor, generator: torch.Generator | None = None, batch_size: int = 500, *,
+                            index: Tensor | None = None) -> Tensor:
+        """The first persistent chain of each training example `index` (default all; x (N, D) the training split)
+        the E-step visited; unvisited examples get fresh chains as in `posterior`."""
         store = self.store
         if store is None or store.num_examples != x.shape[0]:
-            return super().aggregate_posterior(x, generator, batch_size)
-        z = store.z[0].clone()
-        fresh = (~store.visited).nonzero().flatten()
-        for ids in fresh.split(batch_size):
-            z[ids] = self.posterior(x[ids.to(x.device)], None).sample(1, generator)[0].to(z)
+            return super().aggregate_posterior(x, generator, batch_size, index=index)
+        index = torch.arange(x.shape[0]) if index is None else index.cpu()
+        z = store.z[0][index.to(store.z.device)].clone()
+        fresh = (~store.visited[index.to(store.z.device)]).nonzero().flatten().cpu()
+        for rows in fresh.split(batch_size):
+            z[rows] = self.posterior(x[index[rows].to(x.device)], None).sample(1, generator)[0].to(z)
         return z
 
     def _current_split(self) -> str:

@@ -130,12 +130,13 @@ class LatentVariableModel(L.LightningModule):
         raise NotImplementedError(f"{type(self).__name__} must implement posterior(x, index)")
 
     @torch.no_grad()
-    def aggregate_posterior(self, x: Tensor, generator: torch.Generator | None = None, batch_size: int = 500) -> Tensor:
-        """One draw z ~ q(z | x_i) per training example x (N, D) in order, (N, latent_dim): the aggregate posterior
-        a learned latent prior is fitted to (`latentlab.latent_prior`). Methods with stored chains override it."""
-        index = torch.arange(x.shape[0], device=x.device)
-        return torch.cat([self.posterior(xs, ids).sample(1, generator)[0]
-                          for xs, ids in zip(x.split(batch_size), index.split(batch_size), strict=True)])
+    def aggregate_posterior(self, x: Tensor, generator: torch.Generator | None = None, batch_size: int = 500, *,
+                            index: Tensor | None = None) -> Tensor:
+        """One draw z ~ q(z | x_i) for each row `index` (default all) of the training split x (N, D), in that order,
+        (len(index), latent_dim): the aggregate posterior a learned latent prior is fitted to
+        (`latentlab.latent_prior`). Methods with stored chains override it."""
+        index = torch.arange(x.shape[0], device=x.device) if index is None else index
+        return torch.cat([self.posterior(x[ids], ids).sample(1, generator)[0] for ids in index.split(batch_size)])
 
     def evaluate_batch(self, x: Tensor, index: Tensor) -> dict[str, Tensor]:
         """Per-batch means of the method's own diagnostics (e.g. `elbo`, `kl`, `recon`)."""
