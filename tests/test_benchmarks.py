@@ -36,3 +36,12 @@ def test_estimator_benchmark_prints_both_tables(repo_root: Path, shared_data_dir
     out = _run(repo_root, "estimators_speed.py", "--data-dir", str(shared_data_dir), "--is-n", "20", "--batch", "10",
                "--k", "20", "--ais-n", "10", "--ais-steps", "3", "--rounds", "1")
     assert "hand-written vectorised" in out and "floor: (leapfrog+1) fwd+bwd" in out
+
+
+@pytest.mark.slow
+def test_score_sampling_benchmark_prints_its_three_tables(repo_root: Path, shared_data_dir: Path, tmp_path: Path) -> None:
+    out = _run(repo_root, "score_sampling.py", "--data-dir", str(shared_data_dir), "--epochs", "1", "--almond-vae-epochs",
+               "0", "--train-subset", "300", "--samples", "100", "--inpaint", "4", "--prior-steps", "20",
+               "--out", str(tmp_path))
+    assert out.count("| (") == 5 and "| almond |" in out and "mean image MSE" in out  # (a)-(e), energy, inpainting
+    assert (tmp_path / "vae" / "checkpoints" / "latent_prior.pt").is_file()

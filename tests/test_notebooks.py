@@ -10,6 +10,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # as in conftest.py
+
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
@@ -32,6 +34,7 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     # the kernel inherits this environment: small settings, outputs in tmp_path, this interpreter first on PATH
     monkeypatch.setenv("LATENTLAB_NOTEBOOK_SMALL", "1")
     monkeypatch.setenv("LATENTLAB_NOTEBOOK_OUTPUT", str(tmp_path / "out"))
+    monkeypatch.setenv("LATENTLAB_NOTEBOOK_DATA", str(SHARED_DATA))  # read-only: MNIST sections write under tmp_path
     monkeypatch.setenv("PATH", os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
@@ -50,3 +53,5 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert text.count("test/nll =") == 4
     if path.stem == "04_scores_and_inverse_problems":
         assert "relative score error" in text and "inpaint/mse" in text and len(figures) >= 3
+        if (SHARED_DATA / "mnist").is_dir():  # section 4: the latent prior on MNIST, both energy distances printed
+            assert "fit_prior/energy_distance_learned" in text and len(figures) >= 5

@@ -94,6 +94,13 @@ def test_latent_prior_fit_then_sample_and_its_clear_errors(checkpoints: dict[str
     assert record["fit_prior/energy_distance_learned"] >= 0 and record["fit_prior/energy_distance_standard"] >= 0
     arrays, _ = run_sample(tmp_path, ckpt, "n=5", "prior=latent_denoiser")
     assert arrays["x"].shape == (5, 1, 8, 8) and np.isfinite(arrays["x"]).all()
+    # the evaluator judges both priors: N(0, I) (test/fid) and the fitted one beside the checkpoint
+    metrics = api.evaluate(ckpt, ["eval.samples=100", "eval.quality.classifier.min_steps=150", "eval.nll.k=10",
+                                  "eval.quality.metric.kid_subsets=5", "eval.quality.metric.is_splits=2",
+                                  f"paths.data_dir={tmp_path / 'data'}"], run_dir=tmp_path / "eval")
+    assert {"test/fid", "test/latent_prior_fid", "test/latent_prior_precision"} <= set(metrics)
+    assert metrics["test/latent_prior_fid"] != metrics["test/fid"]
+    assert "FID, learned latent prior" in (tmp_path / "eval" / "metrics.md").read_text()
     with pytest.raises(ConfigError, match="a latent prior is for latent models"):
         run_sample(tmp_path, checkpoints["denoiser"], "n=2", "task=fit_prior")
 

@@ -30,9 +30,11 @@ log = logging.getLogger("latentlab")
 #: Column order of the headline metrics; any other numeric key follows alphabetically.
 HEADLINE = ("test/nll", "test/elbo", "test/inference_gap", "test/approximation_gap", "test/amortization_gap",
             "test/bdmc_lower", "test/bdmc_upper", "test/bdmc_gap", "test/fid", "test/kid_mean", "test/is_mean",
-            "test/precision", "test/recall", "test/classifier_acc")
+            "test/precision", "test/recall", "test/latent_prior_fid", "test/latent_prior_precision",
+            "test/latent_prior_recall", "test/classifier_acc")
 LOWER_IS_BETTER = {"nll", "fid", "kid_mean", "inference_gap", "approximation_gap", "amortization_gap"}
 HIGHER_IS_BETTER = {"elbo", "is_mean", "precision", "recall"}
+LATENT_PRIOR_PREFIX = "latent_prior_"  # test/latent_prior_fid: the same metric, samples through the learned prior
 TEXT_KEYS = ("method", "ckpt_path")
 #: How each row's test/nll was obtained: (column, keys it may be stored under); shown after the metrics.
 PROTOCOL = (("nll estimator", ("test/nll_estimator",)), ("nll budget", ("test/nll_budget",)),
@@ -163,7 +165,7 @@ def default_columns(rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
 
 
 def _direction(key: str) -> int:
-    name = key.split("/")[-1]
+    name = key.split("/")[-1].removeprefix(LATENT_PRIOR_PREFIX)
     return -1 if name in LOWER_IS_BETTER else 1 if name in HIGHER_IS_BETTER else 0
 
 

@@ -8,7 +8,9 @@ Rebuilds any method's model from the config saved in its checkpoint and judges i
 - `eval.gaps`: the inference gap log p(x) - the method's own bound, split into approximation and
   amortization gaps for amortized Gaussian posteriors (`test/inference_gap`, ...);
 - `eval.samples`: FID/KID/IS/precision/recall in a per-dataset classifier's feature space, trained
-  once and cached under the data directory (`test/fid`, ..., `test/classifier_acc`);
+  once and cached under the data directory (`test/fid`, ..., `test/classifier_acc`); for a latent model with a
+  fitted latent prior beside its checkpoint (`latentlab-sample task=fit_prior`) the same through that prior
+  (`test/latent_prior_fid`, ...);
 - 2-d latents: `posteriors.png`, exact posteriors beside the method's posterior draws.
 
 Writes `metrics.json` and `metrics.md` into the run directory; a multirun over checkpoints also writes
@@ -27,7 +29,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import hydra
 import lightning.pytorch as L
@@ -47,7 +49,7 @@ from latentlab.builders import (
 )
 from latentlab.report import metrics_markdown
 from latentlab.checkpointing import load_checkpoint_safely
-from latentlab import entry
+from latentlab import entry, latent_prior
 from latentlab.errors import CheckpointError, ConfigError, DataError
 from latentlab.metrics.classifier import DomainClassifier, Splits, load_or_train_classifier
 from latentlab.estimators import GapSettings, NLLSettings, ais_from_settings
@@ -172,9 +174,11 @@ def dataset_classifier(data_cfg: DictConfig, qcfg: DictConfig, device: torch.dev
 
 
 def sample_quality_metrics(model: LatentVariableModel, data_cfg: DictConfig, qcfg: DictConfig, n: int,
-                           generator: torch.Generator) -> dict[str, float] | None:
+                           generator: torch.Generator, generate: Callable[[int], Tensor] | None = None,
+                           ) -> dict[str, float] | None:
     """FID/KID/IS/precision/recall of n generated samples against n real test images (fewer if the test
-    split is smaller), plus the classifier's own test accuracy; None (with a note) without labels."""
+    split is smaller), plus the classifier's own test accuracy; None (with a note) without labels.
+    `generate(m)` makes m samples; by default the model's own (latent models: its prior p(z))."""
     device = next(model.parameters()).device
     found = dataset_classifier(data_cfg, qcfg, device)
     if found is None:
@@ -195,8 +199,12 @@ def sample_quality_metrics(model: LatentVariableModel, data_cfg: DictConfig, qcf
             advance(len(chunk))
         for start in range(0, n, batch):
             m = min(batch, n - start)
-            fake = (model.model.sample(m, generator=generator, mean=qcfg.get("generated", "mean") == "mean")
-                    if isinstance(model, LatentVariableModel) else model.sample(m, generator=generator))  # a denoiser
+            if generate is not None:
+                fake = generate(m)
+            elif isinstance(model, LatentVariableModel):
+                fake = model.model.sample(m, generator=generator, mean=qcfg.get("generated", "mean") == "mean")
+            else:  # a denoiser
+                fake = model.sample(m, generator=generator)
             metric.update(fake, real=False)
             advance(m)
     return metric.compute()
@@ -276,6 +284,14 @@ def run_analyses(model: LatentVariableModel, datamodule: L.LightningDataModule, 
         if quality is not None:
             metrics.update(quality)
             timed(f"sample quality of {plan.samples} samples", t0)
+        prior_file = latent_prior.prior_path(str(cfg.ckpt_path))
+        if quality is not None and isinstance(model, LatentVariableModel) and prior_file.is_file():
+            t0 = time.perf_counter()  # the same metrics through the fitted latent prior (latentlab-sample task=fit_prior)
+            prior = latent_prior.load(prior_file).to(device)
+            learned = sample_quality_metrics(model, run_cfg.data, cfg.eval.quality, plan.samples, generator,
+                                             lambda m: latent_prior.sample_latent_prior(model, prior, m, generator))
+            metrics.update({f"latent_prior_{k}": v for k, v in (learned or {}).items() if k != "classifier_acc"})
+            timed(f"sample quality of {plan.samples} samples through the learned latent prior ({prior_file.name})", t0)
     return {f"test/{k}": float(v) for k, v in metrics.items()}, images
 
 

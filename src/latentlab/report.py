@@ -28,7 +28,10 @@ GROUPS: tuple[tuple[str, str, tuple[tuple[str, str, int], ...]], ...] = (
     ("Sample quality", "in latentlab's own per-dataset classifier features, NOT comparable to Inception-based "
      "FID/KID/IS in papers; FID, KID lower is better, IS, precision, recall higher is better", (
         ("fid", "FID", 1), ("kid_mean", "KID", 1), ("is_mean", "IS", 1), ("precision", "precision", 1),
-        ("recall", "recall", 1), ("classifier_acc", "classifier test accuracy", 1),
+        ("recall", "recall", 1),
+        *((f"latent_prior_{key}", f"{label}, learned latent prior", 1) for key, label in (
+            ("fid", "FID"), ("kid_mean", "KID"), ("is_mean", "IS"), ("precision", "precision"), ("recall", "recall"))),
+        ("classifier_acc", "classifier test accuracy", 1),
     )),
 )
 
