@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--train-subset", type=int, default=20000)
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--inpaint", type=int, default=200, help="test digits to inpaint")
+    parser.add_argument("--denoiser-net", default="mlp", help="the data-space denoiser's conf/net preset (mlp | mlp_large | conv)")
     parser.add_argument("--prior-steps", type=int, default=3000, help="Adam steps of each latent denoiser")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="run directories (default: a temporary directory)")
@@ -76,7 +77,7 @@ def main() -> None:
               "eval.val_nll.val_every_n_epochs=0", f"seed={args.seed}", "callbacks.image_grid=null"]
     latent = [f"model.latent_dim={args.latent}", "data.binarize=dynamic"]
     runs = {"vae": ["model=vae", *latent], "almond": ["model=almond", f"model.vae_epochs={args.almond_vae_epochs}", *latent],
-            "denoiser": ["model=denoiser", "data.binarize=none"]}
+            "denoiser": ["model=denoiser", "data.binarize=none", f"net={args.denoiser_net}"]}
     train_s: dict[str, float] = {}
     for name, overrides in runs.items():
         t0 = time.perf_counter()
@@ -145,7 +146,8 @@ def main() -> None:
     print("| model | MSE | mean image MSE | s |\n| --- | --- | --- | --- |")
     for name, (mse, mean_mse, seconds) in inpaint.items():
         print(f"| {name} | {mse:.4f} | {mean_mse:.4f} | {seconds:.1f} |")
-    print(f"\ntraining s: {', '.join(f'{k} {v:.0f}' for k, v in train_s.items())}; runs in {root}")
+    print(f"\ntraining s: {', '.join(f'{k} {v:.0f}' for k, v in train_s.items())} (denoiser: net={args.denoiser_net}); "
+          f"runs in {root}")
 
 
 if __name__ == "__main__":

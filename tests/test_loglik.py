@@ -208,8 +208,10 @@ def test_bad_inputs_name_the_problem(setup) -> None:
     no_density = ImplicitPosterior(lambda n, g: torch.zeros(n, N, d, dtype=x.dtype))
     with pytest.raises(ConfigError, match="density"):
         importance_sampling(model.log_joint, x, no_density, k=2)
-    with pytest.raises(ConfigError, match="needs a posterior with a density"):
-        NLLSettings.coerce({"name": "fast", "estimator": "is"}).resolve(has_density=False)
+    with pytest.raises(ConfigError, match="sample_estimator must be one of auto|is|ais"):
+        NLLSettings.coerce({"name": "fast", "sample_estimator": "kde"})
+    with pytest.raises(ConfigError, match="kde_bandwidth must be a number > 0"):
+        NLLSettings.coerce({"name": "fast", "kde_bandwidth": 0})
     with pytest.raises(ConfigError, match="k >= 1"):
         importance_sampling(model.log_joint, x, DistributionPosterior(standard_normal(N, d, x)), k=0)
     with pytest.raises(ConfigError, match="n_chains"):

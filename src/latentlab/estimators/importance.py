@@ -16,7 +16,7 @@ from torch import Tensor
 from latentlab.errors import ConfigError
 from latentlab.estimators.common import LogJoint, weight_stats
 from latentlab.generative import GenerativeModel
-from latentlab.posterior import Posterior, gaussian_log_prob, reparameterized
+from latentlab.posterior import Posterior, gaussian_log_prob, moment_fit, reparameterized
 
 
 class DefensiveGaussian(Posterior):
@@ -39,8 +39,50 @@ class DefensiveGaussian(Posterior):
         return torch.logsumexp(both, 0) - math.log(2.0)
 
 
-def is_proposal(posterior: Posterior, inflation: float) -> Posterior:
-    """The IS proposal for a posterior: itself, or the defensive mixture around its Gaussian when inflation > 1."""
+class DrawMixture(Posterior):
+    """An IS proposal for a posterior known only by draws (AVB's implicit q, ALMOND's chains): 1/2 a Gaussian kernel
+    density estimate over J draws (bandwidth `bandwidth` x the draws' std, per dimension) + 1/2 the moment-fitted
+    Gaussian with std x `inflation` (defensive, as for `DefensiveGaussian`).
+
+    Why not AIS from the fitted Gaussian: when the draws sit in several modes (2-d MNIST posteriors often have two),
+    a handful of HMC chains started from one Gaussian settle in one mode and miss the others' mass, while the kernel
+    estimate puts proposal mass in every mode a draw found, and the wide half covers what none found. The draws
+    only build the proposal; the estimate stays unbiased for p(x) because the IS draws are fresh."""
+
+    has_density = True
+
+    def __init__(self, draws: Tensor, bandwidth: float, inflation: float, min_std: float = 1e-3) -> None:
+        if not bandwidth > 0:
+            raise ConfigError(f"eval.nll.kde_bandwidth must be > 0, got {bandwidth!r}")
+        self.centres = draws.detach()  # (J, batch, d)
+        self.mean, log_var = moment_fit(self.centres, min_std)
+        self.kernel_std = torch.exp(0.5 * log_var) * bandwidth  # (batch, d)
+        self.wide = log_var + 2.0 * math.log(max(inflation, 1.0))
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        J, batch, d = self.centres.shape
+        pick_centre = torch.randint(0, J, (n, batch), generator=generator, device=self.centres.device)
+        centres = torch.gather(self.centres, 0, pick_centre[..., None].expand(n, batch, d))
+        kde = centres + self.kernel_std * torch.randn(centres.shape, generator=generator, device=centres.device,
+                                                      dtype=centres.dtype)
+        wide = reparameterized(self.mean, self.wide, n, generator)
+        pick = torch.rand((n, batch), generator=generator, device=kde.device, dtype=kde.dtype) < 0.5
+        return torch.where(pick[..., None], wide, kde)
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        # per example b: squared distances of its n points to its J centres in kernel units, (batch, n, J)
+        dist2 = torch.cdist((z / self.kernel_std).transpose(0, 1), (self.centres / self.kernel_std).transpose(0, 1)).square()
+        log_norm = -torch.log(self.kernel_std).sum(-1) - 0.5 * z.shape[-1] * math.log(2 * math.pi)  # (batch,)
+        kde = (torch.logsumexp(-0.5 * dist2, -1) + log_norm[:, None]).transpose(0, 1) - math.log(self.centres.shape[0])
+        return torch.logaddexp(kde, gaussian_log_prob(z, self.mean, self.wide)) - math.log(2.0)
+
+
+def is_proposal(posterior: Posterior, inflation: float, draws: int = 64, bandwidth: float = 0.2,
+                generator: torch.Generator | None = None) -> Posterior:
+    """The IS proposal for a posterior: itself, or the defensive mixture around its Gaussian when inflation > 1;
+    for a posterior without a density, the `DrawMixture` of `draws` of its draws."""
+    if not posterior.has_density:
+        return DrawMixture(posterior.sample(max(2, draws), generator), bandwidth, inflation)
     gaussian = posterior.gaussian()
     return posterior if inflation <= 1.0 or gaussian is None else DefensiveGaussian(*gaussian, inflation)
 
@@ -62,7 +104,8 @@ def importance_sampling(log_joint: LogJoint, x: Tensor, posterior: Posterior, k:
     if k < 1 or chunk_size < 1:
         raise ConfigError(f"importance sampling needs k >= 1 and chunk_size >= 1, got k={k}, chunk_size={chunk_size}")
     if not posterior.has_density:
-        raise ConfigError(f"importance sampling needs a proposal with a density; {type(posterior).__name__} has none")
+        raise ConfigError(f"importance sampling needs a proposal with a density; {type(posterior).__name__} has none "
+                          "(latentlab.estimators.importance.is_proposal builds one from its draws)")
     half = max(1, k // 2)
     lse = torch.full(x.shape[:1], -torch.inf, device=x.device, dtype=x.dtype)
     lse2, lse_half = lse.clone(), lse.clone()

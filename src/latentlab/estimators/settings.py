@@ -32,7 +32,11 @@ class NLLSettings:
     else AIS from the Gaussian fitted to `fit_draws` of its draws).
 
     `estimator`: auto | is | ais. `k`, `chunk_size`: importance samples per example, drawn chunk_size at a
-    time; `is_inflation` > 1: the proposal is the defensive mixture 1/2 q + 1/2 q with std x is_inflation. AIS: `ais_steps` intermediate distributions x `ais_chains` chains, `ais_leapfrog` HMC steps per
+    time; `is_inflation` > 1: the proposal is the defensive mixture 1/2 q + 1/2 q with std x is_inflation.
+    A posterior known only by draws (AVB, ALMOND) gets `sample_estimator` under `auto`: `is` from the
+    `DrawMixture` of `fit_draws` draws (kernel bandwidth `kde_bandwidth` x their std, defensive half), `ais`, or
+    `auto`: IS from draws up to `kde_max_dim` latent dimensions (a kernel proposal from 64 draws degrades fast with
+    dimension), AIS above. AIS: `ais_steps` intermediate distributions x `ais_chains` chains, `ais_leapfrog` HMC steps per
     transition, `ais_start` posterior (the fitted Gaussian) | prior. `max_batches`: at most this many
     batches per val/test epoch (None: all); `val_every_n_epochs`: 0 switches validation's NLL off.
     `name` is the budget's name (fast | standard | paper) that every result reports.
@@ -48,12 +52,20 @@ class NLLSettings:
     is_inflation: float = 1.0
     ais_start: str = "posterior"
     fit_draws: int = 64
+    sample_estimator: str = "auto"
+    kde_bandwidth: float = 0.2
+    kde_max_dim: int = 2
     max_batches: int | None = None
     val_every_n_epochs: int = 1
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
             raise ConfigError(f"eval.nll.estimator must be one of {'|'.join(ESTIMATORS)}, got {self.estimator!r}")
+        if self.sample_estimator not in ESTIMATORS:
+            raise ConfigError(f"eval.nll.sample_estimator must be one of {'|'.join(ESTIMATORS)}, got {self.sample_estimator!r}")
+        _check_positive("eval.nll", self, ("kde_max_dim",))
+        if not (isinstance(self.kde_bandwidth, (int, float)) and self.kde_bandwidth > 0):
+            raise ConfigError(f"eval.nll.kde_bandwidth must be a number > 0, got {self.kde_bandwidth!r}")
         if self.ais_start not in AIS_STARTS:
             raise ConfigError(f"eval.nll.ais_start must be one of {'|'.join(AIS_STARTS)}, got {self.ais_start!r}")
         _check_positive("eval.nll", self, ("k", "chunk_size", "ais_steps", "ais_chains", "ais_leapfrog"))
@@ -96,19 +108,24 @@ class NLLSettings:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def resolve(self, has_density: bool) -> str:
-        """`is` or `ais` for a posterior: `auto` picks IS exactly when the posterior has a density."""
-        if self.estimator == "auto":
-            return "is" if has_density else "ais"
-        if self.estimator == "is" and not has_density:
-            raise ConfigError("eval.nll.estimator=is needs a posterior with a density, and this method's has none; "
-                              "use eval.nll.estimator=auto or ais")
-        return self.estimator
+    def resolve(self, has_density: bool, latent_dim: int) -> str:
+        """`is` or `ais` for a posterior: `auto` picks IS where the posterior has a density, else `sample_estimator`,
+        whose `auto` is IS from draws up to `kde_max_dim` latent dimensions and AIS above."""
+        if self.estimator != "auto":
+            return self.estimator
+        if has_density:
+            return "is"
+        if self.sample_estimator != "auto":
+            return self.sample_estimator
+        return "is" if latent_dim <= self.kde_max_dim else "ais"
 
-    def budget(self, estimator: str) -> str:
-        """A short label of the budget that produced a number, e.g. `is k=1000` or `ais 500x4 L=5`."""
+    def budget(self, estimator: str, from_draws: bool = False) -> str:
+        """A short label of the budget that produced a number, e.g. `is k=1000 defensive x6` or `ais 500x4 L=5`."""
+        defensive = f" defensive x{self.is_inflation:g}" if self.is_inflation != 1.0 else ""
+        if estimator == "is" and from_draws:
+            return f"is k={self.k} from {self.fit_draws} draws (kde h={self.kde_bandwidth:g}{defensive})"
         if estimator == "is":
-            return f"is k={self.k}" + (f" defensive x{self.is_inflation:g}" if self.is_inflation != 1.0 else "")
+            return f"is k={self.k}{defensive}"
         return f"ais {self.ais_steps}x{self.ais_chains} L={self.ais_leapfrog} from {self.ais_start}"
 
 
