@@ -79,13 +79,14 @@ def main() -> None:
     runs = {"vae": ["model=vae", *latent], "almond": ["model=almond", f"model.vae_epochs={args.almond_vae_epochs}", *latent],
             "denoiser": ["model=denoiser", "data.binarize=none", f"net={args.denoiser_net}"]}
     train_s: dict[str, float] = {}
+    dirs = {"vae": root / "vae", "almond": root / "almond", "denoiser": root / f"denoiser-{args.denoiser_net}"}
     for name, overrides in runs.items():
         t0 = time.perf_counter()
-        if not (root / name / "checkpoints" / "last.ckpt").exists():
-            api.train([*common, *overrides], run_dir=root / name)
+        if not (dirs[name] / "checkpoints" / "last.ckpt").exists():  # a rerun with another --denoiser-net reuses the rest
+            api.train([*common, *overrides], run_dir=dirs[name])
         train_s[name] = time.perf_counter() - t0
         print(f"trained {name} in {train_s[name]:.0f} s", flush=True)
-    models = {name: api.load_model(root / name) for name in runs}
+    models = {name: api.load_model(dirs[name]) for name in runs}
 
     generator = torch.Generator().manual_seed(args.seed)
     settings = latent_prior.LatentPriorSettings(steps=args.prior_steps, seed=args.seed)
@@ -94,7 +95,7 @@ def main() -> None:
         model, dm = models[name]
         t0 = time.perf_counter()
         priors[name], _ = latent_prior.fit_latent_prior(model, dm.data("train"), settings)
-        latent_prior.save(priors[name], settings, latent_prior.prior_path(root / name / "checkpoints" / "last.ckpt"), name)
+        latent_prior.save(priors[name], settings, latent_prior.prior_path(dirs[name] / "checkpoints" / "last.ckpt"), name)
         held = model.aggregate_posterior(dm.data("test")[:1000], generator).cpu()
         energy[name] = (latent_prior.energy_distance(torch.randn(held.shape, generator=generator), held),
                         latent_prior.energy_distance(priors[name].sample(len(held), generator=generator), held))
@@ -127,7 +128,7 @@ def main() -> None:
     inpaint = {}
     for name in runs:
         out = root / f"inpaint_{name}.npz"
-        cfg = compose_config([f"ckpt_path={api.quote(str(root / name / 'checkpoints' / 'last.ckpt'))}", "task=inpaint",
+        cfg = compose_config([f"ckpt_path={api.quote(str(dirs[name] / 'checkpoints' / 'last.ckpt'))}", "task=inpaint",
                               "mask=bottom_half", f"n={args.inpaint}", f"out={api.quote(str(out))}",
                               f"paths.data_dir={args.data_dir}", f"seed={args.seed}"], root, config_name="sample")
         t0 = time.perf_counter()
