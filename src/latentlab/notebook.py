@@ -57,7 +57,7 @@ def execute_in_place(paths: list[str], timeout: int = 7200) -> None:
 
     for path in map(Path, paths):
         nb = nbformat.read(path, as_version=4)
-        env = {k: os.environ.pop(k) for k in ("LATENTLAB_NOTEBOOK_SMALL", "LATENTLAB_NOTEBOOK_OUTPUT") if k in os.environ}
+        env = {k: os.environ.pop(k) for k in ("LATENTLAB_NOTEBOOK_SMALL",) if k in os.environ}  # the full settings
         start = time.perf_counter()
         try:
             NotebookClient(nb, timeout=timeout, kernel_name="python3",
