@@ -40,41 +40,51 @@ class DefensiveGaussian(Posterior):
 
 
 class DrawMixture(Posterior):
-    """An IS proposal for a posterior known only by draws (AVB's implicit q, ALMOND's chains): 1/2 a Gaussian kernel
-    density estimate over J draws (bandwidth `bandwidth` x the draws' std, per dimension) + 1/2 the moment-fitted
-    Gaussian with std x `inflation` (defensive, as for `DefensiveGaussian`).
+    """An IS proposal for a posterior known only by draws (AVB's implicit q, ALMOND's chains): a Gaussian kernel
+    density estimate over J draws (bandwidth `bandwidth` x the draws' std, per dimension), the moment-fitted
+    Gaussian with std x `inflation`, and the prior N(0, I), weighted (1 - w) / 2, (1 - w) / 2 and w = `prior_weight`.
 
     Why not AIS from the fitted Gaussian: when the draws sit in several modes (2-d MNIST posteriors often have two),
     a handful of HMC chains started from one Gaussian settle in one mode and miss the others' mass, while the kernel
-    estimate puts proposal mass in every mode a draw found, and the wide half covers what none found. The draws
-    only build the proposal; the estimate stays unbiased for p(x) because the IS draws are fresh."""
+    estimate puts proposal mass in every mode a draw found; the wide Gaussian covers their surroundings and the prior
+    the modes no chain found (p / q <= p / (w prior)). The draws only build the proposal: the IS draws are fresh,
+    so the estimate stays unbiased for p(x). 2-d ALMOND on MNIST (2 epochs, 55k; 300 test images vs quadrature):
+    AIS 500x4 +0.98 nats, this without the prior part +0.36, with it +0.21."""
 
     has_density = True
 
-    def __init__(self, draws: Tensor, bandwidth: float, inflation: float, min_std: float = 1e-3) -> None:
+    def __init__(self, draws: Tensor, bandwidth: float, inflation: float, prior_weight: float = 1.0 / 3.0,
+                 min_std: float = 1e-3) -> None:
         if not bandwidth > 0:
             raise ConfigError(f"eval.nll.kde_bandwidth must be > 0, got {bandwidth!r}")
+        if not 0.0 <= prior_weight < 1.0:
+            raise ConfigError(f"the prior's weight in the draw mixture must be in [0, 1), got {prior_weight!r}")
         self.centres = draws.detach()  # (J, batch, d)
         self.mean, log_var = moment_fit(self.centres, min_std)
         self.kernel_std = torch.exp(0.5 * log_var) * bandwidth  # (batch, d)
         self.wide = log_var + 2.0 * math.log(max(inflation, 1.0))
+        self.log_w = torch.tensor([(1.0 - prior_weight) / 2, (1.0 - prior_weight) / 2, prior_weight]).log()
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         J, batch, d = self.centres.shape
-        pick_centre = torch.randint(0, J, (n, batch), generator=generator, device=self.centres.device)
+        device, dtype = self.centres.device, self.centres.dtype
+        pick_centre = torch.randint(0, J, (n, batch), generator=generator, device=device)
         centres = torch.gather(self.centres, 0, pick_centre[..., None].expand(n, batch, d))
-        kde = centres + self.kernel_std * torch.randn(centres.shape, generator=generator, device=centres.device,
-                                                      dtype=centres.dtype)
+        kde = centres + self.kernel_std * torch.randn(centres.shape, generator=generator, device=device, dtype=dtype)
         wide = reparameterized(self.mean, self.wide, n, generator)
-        pick = torch.rand((n, batch), generator=generator, device=kde.device, dtype=kde.dtype) < 0.5
-        return torch.where(pick[..., None], wide, kde)
+        prior = torch.randn(kde.shape, generator=generator, device=device, dtype=dtype)
+        u = torch.rand((n, batch, 1), generator=generator, device=device, dtype=dtype)
+        cut = self.log_w.exp().cumsum(0).to(device=device, dtype=dtype)
+        return torch.where(u < cut[0], kde, torch.where(u < cut[1], wide, prior))
 
     def log_prob(self, z: Tensor) -> Tensor:
         # per example b: squared distances of its n points to its J centres in kernel units, (batch, n, J)
         dist2 = torch.cdist((z / self.kernel_std).transpose(0, 1), (self.centres / self.kernel_std).transpose(0, 1)).square()
         log_norm = -torch.log(self.kernel_std).sum(-1) - 0.5 * z.shape[-1] * math.log(2 * math.pi)  # (batch,)
         kde = (torch.logsumexp(-0.5 * dist2, -1) + log_norm[:, None]).transpose(0, 1) - math.log(self.centres.shape[0])
-        return torch.logaddexp(kde, gaussian_log_prob(z, self.mean, self.wide)) - math.log(2.0)
+        prior = -0.5 * (z.square().sum(-1) + z.shape[-1] * math.log(2 * math.pi))
+        parts = torch.stack([kde, gaussian_log_prob(z, self.mean, self.wide), prior]) + self.log_w.to(z).view(3, 1, 1)
+        return torch.logsumexp(parts, 0)
 
 
 def is_proposal(posterior: Posterior, inflation: float, draws: int = 64, bandwidth: float = 0.2,

@@ -123,7 +123,7 @@ class NLLSettings:
         """A short label of the budget that produced a number, e.g. `is k=1000 defensive x6` or `ais 500x4 L=5`."""
         defensive = f" defensive x{self.is_inflation:g}" if self.is_inflation != 1.0 else ""
         if estimator == "is" and from_draws:
-            return f"is k={self.k} from {self.fit_draws} draws (kde h={self.kde_bandwidth:g}{defensive})"
+            return f"is k={self.k} from {self.fit_draws} draws (kde h={self.kde_bandwidth:g}{defensive}, prior 1/3)"
         if estimator == "is":
             return f"is k={self.k}{defensive}"
         return f"ais {self.ais_steps}x{self.ais_chains} L={self.ais_leapfrog} from {self.ais_start}"

@@ -12,9 +12,10 @@ The model is latentlab's one `GenerativeModel`: x | z ~ f_theta(x | h_eta(z)), z
      (the paper: SGD at lr / sqrt(e - warmup + 1), `inverse_sqrt_lr`).
 
 `posterior(x, index)`: the persistent chains of training examples; fresh chains for anything else (started at
-the warm-up encoder or the prior, `eval_langevin_steps` moves). No density: the evaluator runs AIS from a
-Gaussian fitted to its draws, and its bound is that Gaussian's ELBO. All noise comes from `latentlab.rng`
-streams keyed on (seed, purpose, rank, epoch, batch): a resumed run draws what the uninterrupted one would.
+the warm-up encoder or the prior, `eval_langevin_steps` moves). No density: the evaluator runs IS from a
+kernel mixture of its draws (<= 2-d) or AIS from a Gaussian fitted to them, and its bound is that Gaussian's
+ELBO. All noise comes from `latentlab.rng` streams keyed on (seed, purpose, rank, epoch, batch): a resumed run
+draws what the uninterrupted one would.
 """
 
 from __future__ import annotations
