@@ -96,9 +96,8 @@ def main() -> None:
         t0 = time.perf_counter()
         priors[name], _ = latent_prior.fit_latent_prior(model, dm.data("train"), settings)
         latent_prior.save(priors[name], settings, latent_prior.prior_path(dirs[name] / "checkpoints" / "last.ckpt"), name)
-        held = model.aggregate_posterior(dm.data("test")[:1000], generator).cpu()
-        energy[name] = (latent_prior.energy_distance(torch.randn(held.shape, generator=generator), held),
-                        latent_prior.energy_distance(priors[name].sample(len(held), generator=generator), held))
+        distances, _ = latent_prior.held_out_energy_distances(model, priors[name], dm.data("test"), generator)
+        energy[name] = (distances["standard"], distances["learned"])
         print(f"fitted {name}'s latent prior in {time.perf_counter() - t0:.0f} s; energy distance to held-out codes: "
               f"N(0, I) {energy[name][0]:.4f}, learned {energy[name][1]:.4f}", flush=True)
 

@@ -103,6 +103,16 @@ def sample_latent_prior(module: Any, prior: Denoiser, n: int, generator: torch.G
     return decode_mean(module, prior.sample(n, generator=generator))
 
 
+def held_out_energy_distances(module: Any, prior: Denoiser, test_x: Tensor, generator: torch.Generator,
+                               n: int = 1000) -> tuple[dict[str, float], Tensor]:
+    """How much of the prior hole the fitted prior closes: the energy distances of N(0, I) draws (`standard`) and of
+    the prior's draws (`learned`) to the codes of n held-out examples; and those prior draws."""
+    held = module.aggregate_posterior(test_x[:n], generator).cpu()
+    learned = prior.sample(len(held), generator=generator)
+    standard = torch.randn(held.shape, generator=generator)
+    return {"standard": energy_distance(standard, held), "learned": energy_distance(learned, held)}, learned
+
+
 def energy_distance(a: Tensor, b: Tensor) -> float:
     """Székely's energy distance 2 E|a - b| - E|a - a'| - E|b - b'| between two samples (0 iff same law)."""
     a, b = a.double(), b.double()

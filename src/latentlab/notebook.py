@@ -57,14 +57,16 @@ def execute_in_place(paths: list[str], timeout: int = 7200) -> None:
 
     for path in map(Path, paths):
         nb = nbformat.read(path, as_version=4)
-        env = {k: os.environ.pop(k) for k in ("LATENTLAB_NOTEBOOK_SMALL",) if k in os.environ}  # the full settings
+        small = os.environ.pop("LATENTLAB_NOTEBOOK_SMALL", None)  # the kernel inherits the environment: full settings
         start = time.perf_counter()
         try:
             NotebookClient(nb, timeout=timeout, kernel_name="python3",
                            resources={"metadata": {"path": str(path.parent)}}).execute()
         finally:
-            os.environ.update(env)
-        nb.metadata["latentlab"] = {"executed": time.strftime("%Y-%m-%d"), "settings": "full", "source_sha256": source_hash(nb),
+            if small is not None:
+                os.environ["LATENTLAB_NOTEBOOK_SMALL"] = small
+        nb.metadata["latentlab"] = {"executed": time.strftime("%Y-%m-%d"), "settings": "full",
+                                    "source_sha256": source_hash(nb),
                                     "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads "
                                                f"{os.environ.get('OMP_NUM_THREADS', 'default')}",
                                     "wall_s": round(time.perf_counter() - start)}

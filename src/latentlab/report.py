@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-CONVERGENCE_FLAG_NATS = 0.1  # the same threshold as latentlab.estimators.CONVERGENCE_FLAG_NATS (a test keeps them equal)
+CONVERGENCE_FLAG_NATS = 0.1
+#: sample-quality metrics (key suffix, label); each also appears as latent_prior_<key> (samples through a fitted prior)
+QUALITY = (("fid", "FID"), ("kid_mean", "KID"), ("is_mean", "IS"), ("precision", "precision"), ("recall", "recall"))  # the same threshold as latentlab.estimators.CONVERGENCE_FLAG_NATS (a test keeps them equal)
 
 #: (title, sign convention, [(key suffix, label, sign)]): sign -1 shows -value so the whole group reads one way
 GROUPS: tuple[tuple[str, str, tuple[tuple[str, str, int], ...]], ...] = (
@@ -27,10 +29,8 @@ GROUPS: tuple[tuple[str, str, tuple[tuple[str, str, int], ...]], ...] = (
     )),
     ("Sample quality", "in latentlab's own per-dataset classifier features, NOT comparable to Inception-based "
      "FID/KID/IS in papers; FID, KID lower is better, IS, precision, recall higher is better", (
-        ("fid", "FID", 1), ("kid_mean", "KID", 1), ("is_mean", "IS", 1), ("precision", "precision", 1),
-        ("recall", "recall", 1),
-        *((f"latent_prior_{key}", f"{label}, learned latent prior", 1) for key, label in (
-            ("fid", "FID"), ("kid_mean", "KID"), ("is_mean", "IS"), ("precision", "precision"), ("recall", "recall"))),
+        *((key, label, 1) for key, label in QUALITY),
+        *((f"latent_prior_{key}", f"{label}, learned latent prior", 1) for key, label in QUALITY),
         ("classifier_acc", "classifier test accuracy", 1),
     )),
 )

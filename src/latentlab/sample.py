@@ -143,11 +143,8 @@ def fit_prior(cfg: DictConfig, model: Any, datamodule: Any, generator: torch.Gen
     settings = latent_prior.LatentPriorSettings(**OmegaConf.to_container(cfg.latent_prior, resolve=True))  # type: ignore[arg-type]
     prior, _ = latent_prior.fit_latent_prior(model, datamodule.data("train"), settings)
     path = latent_prior.save(prior, settings, latent_prior.prior_path(cfg.ckpt_path), str(cfg.ckpt_path))
-    held = model.aggregate_posterior(datamodule.data("test")[:1000], generator).cpu()
-    learned = prior.sample(len(held), generator=generator)
-    standard = torch.randn(held.shape, generator=generator)
-    metrics = {"fit_prior/energy_distance_standard": latent_prior.energy_distance(standard, held),
-               "fit_prior/energy_distance_learned": latent_prior.energy_distance(learned, held)}
+    distances, learned = latent_prior.held_out_energy_distances(model, prior, datamodule.data("test"), generator)
+    metrics = {f"fit_prior/energy_distance_{k}": v for k, v in distances.items()}
     log.info("latent prior fitted to %d codes, saved to %s", min(settings.n_codes, len(datamodule.data("train"))), path)
     return {"x": latent_prior.decode_mean(model, learned[: cfg.n])}, metrics
 

@@ -1,8 +1,8 @@
 """The test protocol, one function for every method: `estimate_log_px(model, x, posterior, settings)`.
 
 Importance sampling with q where the posterior has a density; for a posterior known by draws, importance sampling
-from a kernel mixture of its draws in low dimension, else AIS from the Gaussian fitted to them (`NLLSettings`). Every estimate carries its estimator, its budget and its convergence diagnostic: the same
-estimate at half the budget (IS: the first k/2 draws; AIS: half the chains), which a converged estimator keeps
+from a kernel mixture of its draws in low dimension, else AIS from the Gaussian fitted to them (`NLLSettings`).
+Every estimate carries its estimator, its budget and its convergence diagnostic: the same estimate at half the budget (IS: the first k/2 draws; AIS: half the chains), which a converged estimator keeps
 within a few hundredths of a nat of the full one. Lightning's val/test steps and `latentlab-eval` both call this.
 """
 

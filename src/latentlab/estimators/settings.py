@@ -36,8 +36,8 @@ class NLLSettings:
     A posterior known only by draws (AVB, ALMOND) gets `sample_estimator` under `auto`: `is` from the
     `DrawMixture` of `fit_draws` draws (kernel bandwidth `kde_bandwidth` x their std, defensive half), `ais`, or
     `auto`: IS from draws up to `kde_max_dim` latent dimensions (a kernel proposal from 64 draws degrades fast with
-    dimension), AIS above. AIS: `ais_steps` intermediate distributions x `ais_chains` chains, `ais_leapfrog` HMC steps per
-    transition, `ais_start` posterior (the fitted Gaussian) | prior. `max_batches`: at most this many
+    dimension), AIS above. AIS: `ais_steps` intermediate distributions x `ais_chains` chains, `ais_leapfrog` HMC
+    steps per transition, `ais_start` posterior (the fitted Gaussian) | prior. `max_batches`: at most this many
     batches per val/test epoch (None: all); `val_every_n_epochs`: 0 switches validation's NLL off.
     `name` is the budget's name (fast | standard | paper) that every result reports.
     """
@@ -63,12 +63,11 @@ class NLLSettings:
             raise ConfigError(f"eval.nll.estimator must be one of {'|'.join(ESTIMATORS)}, got {self.estimator!r}")
         if self.sample_estimator not in ESTIMATORS:
             raise ConfigError(f"eval.nll.sample_estimator must be one of {'|'.join(ESTIMATORS)}, got {self.sample_estimator!r}")
-        _check_positive("eval.nll", self, ("kde_max_dim",))
         if not (isinstance(self.kde_bandwidth, (int, float)) and self.kde_bandwidth > 0):
             raise ConfigError(f"eval.nll.kde_bandwidth must be a number > 0, got {self.kde_bandwidth!r}")
         if self.ais_start not in AIS_STARTS:
             raise ConfigError(f"eval.nll.ais_start must be one of {'|'.join(AIS_STARTS)}, got {self.ais_start!r}")
-        _check_positive("eval.nll", self, ("k", "chunk_size", "ais_steps", "ais_chains", "ais_leapfrog"))
+        _check_positive("eval.nll", self, ("k", "chunk_size", "ais_steps", "ais_chains", "ais_leapfrog", "kde_max_dim"))
         if isinstance(self.fit_draws, bool) or not isinstance(self.fit_draws, int) or self.fit_draws < 2:
             raise ConfigError(f"eval.nll.fit_draws must be an integer >= 2, got {self.fit_draws!r}")
         if self.max_batches is not None and (not isinstance(self.max_batches, int) or self.max_batches < 1):

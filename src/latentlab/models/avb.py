@@ -19,7 +19,8 @@ make z~ a studentised residual (with 2 draws exactly +/-0.707), which T would te
 an exactly Gaussian q.
 
 Under the posterior contract AVB answers an `ImplicitPosterior`: encoder draws (no density; the
-evaluator runs IS from a kernel mixture of them in <= 2-d, else AIS from a Gaussian fitted to them) and AVB's own discriminator-based ELBO estimate.
+evaluator runs IS from a kernel mixture of them in <= 2-d, else AIS from a Gaussian fitted to them) and AVB's
+own discriminator-based ELBO estimate.
 """
 
 from __future__ import annotations
