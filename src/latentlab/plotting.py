@@ -25,13 +25,15 @@ def image_panel(ax: Any, image: np.ndarray, title: str | None = None) -> None:
         ax.set_title(title, fontsize=9)
 
 
-def tile_pngs(path: Path, pictures: list[tuple[str, Path]], size: tuple[float, float] = (9.0, 4.5)) -> Path | None:
-    """Saved pictures (title, png) stacked in one figure at `path`; None when there are none."""
+def tile_pngs(path: Path, pictures: list[tuple[str, Path]], size: tuple[float, float] = (9.0, 4.5),
+              side_by_side: bool = False) -> Path | None:
+    """Saved pictures (title, png) stacked (or side by side) in one figure at `path`; None when there are none."""
     if not pictures:
         return None
     from matplotlib.image import imread
 
-    fig, axes = new_figure(len(pictures), 1, size=size)
+    n = len(pictures)
+    fig, axes = new_figure(1, n, size=size) if side_by_side else new_figure(n, 1, size=size)
     for ax, (label, png) in zip(axes, pictures):
         ax.imshow(imread(png))
         ax.set_axis_off()

@@ -38,6 +38,7 @@ from latentlab.optim import build_optimizer
 from latentlab.posterior import SamplePosterior, moment_fit, reparameterized
 from latentlab.rng import SPLIT_IDS, Stream, keyed_generator
 from latentlab.samplers import LangevinSampler, sampler_preset
+from latentlab.samplers.blocks import backward_in_blocks, sample_in_blocks
 
 log = logging.getLogger("latentlab")
 CHAIN_INITS = ("auto", "prior", "encoder")
@@ -77,6 +78,7 @@ class ALMOND(LatentVariableModel):
     `vae_optimizer` for the warm-up; `optimizer`/`scheduler` and `mstep_warmup_*` for the M-step.
     `sampler_seed` keys all of the method's noise (None: drawn once); `num_train` (N) is needed only outside a
     Trainer with a sized training set. `eval_chains`/`eval_langevin_steps`: fresh chains for other examples.
+    `block_rows`: chains run and back-propagate in blocks of about this many rows (samplers/blocks.py; None: all).
     """
 
     method = "almond"
@@ -89,7 +91,7 @@ class ALMOND(LatentVariableModel):
                  chain_init: str = "auto", vae_epochs: int = 0, vae_optimizer: OptimizerFactory | None = None,
                  vae_num_samples: int = 1, mstep_warmup_epochs: int = 0, mstep_warmup_optimizer: OptimizerFactory | None = None,
                  eval_chains: int = 16, eval_langevin_steps: int = 50, sampler_seed: int | None = 0,
-                 num_train: int | None = None, min_log_var: float = -12.0) -> None:
+                 num_train: int | None = None, min_log_var: float = -12.0, block_rows: int | None = 4096) -> None:
         super().__init__(data_dim, latent_dim, image_shape, net, likelihood, optimizer, scheduler)
         self.sampler = sampler_preset(sampler or "ula") if isinstance(sampler, str) or sampler is None else sampler
         if not isinstance(self.sampler, LangevinSampler):
@@ -105,8 +107,10 @@ class ALMOND(LatentVariableModel):
         if chain_init == "encoder" and int(vae_epochs) == 0:
             raise ConfigError("model.chain_init=encoder needs an encoder: set model.vae_epochs > 0 (the VAE "
                               "warm-up trains it) or use chain_init=prior")
-        if num_train is not None and int(num_train) < 1:
-            raise ConfigError(f"model.num_train must be >= 1 or null, got {num_train}")
+        for key, value in (("num_train", num_train), ("block_rows", block_rows)):
+            if value is not None and int(value) < 1:
+                raise ConfigError(f"model.{key} must be >= 1 or null, got {value}")
+        self.block_rows = None if block_rows is None else int(block_rows)
         self.n_chains, self.step_size_decay = int(n_chains), bool(step_size_decay)
         self.vae_epochs, self.vae_num_samples = int(vae_epochs), int(vae_num_samples)
         self.mstep_warmup_epochs = int(mstep_warmup_epochs)
@@ -228,15 +232,15 @@ class ALMOND(LatentVariableModel):
         self.store.to(x.device)
         z0, fresh, step, count = self.store.read(index)
         z0 = torch.where(fresh[None, :, None], self.initial_states(x, self.n_chains, generator), z0)
-        result = self.sampler.sample(partial(self.model.log_joint, x), z0, generator=generator,
-                                     step_size=self.current_step_size() if step is None else step, step_count=count)
+        result = sample_in_blocks(self.sampler.sample, partial(self.model.log_joint, x), z0, self.block_rows, generator,
+                                  step_size=self.current_step_size() if step is None else step, step_count=count)
         if not bool(torch.isfinite(result.z).all()):  # the one host sync of the E-step
             bad = int((~torch.isfinite(result.z).all(-1)).sum())
             raise NumericalError(
                 f"ALMOND sampler produced non-finite chain states at training step {self.global_step} (epoch "
                 f"{self.current_epoch}): {bad} of {result.z.shape[0] * result.z.shape[1]} chains; lower "
                 f"sampler.step_size (now {self.current_step_size():.4g}) or set sampler.guard=true")
-        gather = self.all_gather if self._trainer is not None and self.trainer.world_size > 1 else None
+        gather = self.all_gather if self._distributed else None
         self.store.write(index, result.z, result.step_size if step is not None else None,
                          result.step_count if step is not None else None, gather)
         stats = {"step_size": result.step_size.mean(), "grad_norm": torch.as_tensor(result.diagnostics["grad_norm"])}
@@ -248,6 +252,14 @@ class ALMOND(LatentVariableModel):
     def m_step_loss(self, x: Tensor, z: Tensor) -> Tensor:
         """-E[log f(x | h(z))] over the chains, averaged over the batch (the paper's loss scaling)."""
         return -self.model.log_likelihood(x, z).mean()
+
+    @property
+    def _distributed(self) -> bool:
+        return self._trainer is not None and self.trainer.world_size > 1
+
+    def _backward_rows(self) -> int | None:
+        """`block_rows` for back-propagation: one block under DDP, which reduces gradients on every backward."""
+        return None if self._distributed else self.block_rows
 
     def _phase_optimizer(self) -> torch.optim.Optimizer:
         optimizers = self.optimizers()
@@ -261,21 +273,27 @@ class ALMOND(LatentVariableModel):
         x, index = batch
         generator = self._generator(x.device, Stream.LANGEVIN_TRAIN, self.current_epoch, batch_idx)
         logs: dict[str, Tensor] = {}
-        if self.in_vae_phase:
-            recon, kl = elbo_terms(self.encoder, partial(self.model.log_likelihood, x), x, self.vae_num_samples, generator)  # type: ignore[arg-type]
-            loss = -(recon - kl).mean()
-            logs.update(elbo=-loss.detach(), recon=recon.mean().detach(), kl=kl.mean().detach())
-        else:
-            z, logs = self.e_step(x, index, generator)
-            loss = self.m_step_loss(x, z)
-            logs["log_lik"] = -loss.detach()
-            if self.encoder is not None and self.trainer.world_size > 1:
-                # DDP expects a gradient for every parameter; the encoder rests in this phase (and is in no
-                # Langevin-phase optimiser), so give it an exact zero instead of an error.
-                loss = loss + 0.0 * sum(p.sum() for p in self.encoder.parameters())
         optimizer = self._phase_optimizer()
         optimizer.zero_grad()
-        self.manual_backward(loss)
+        if self.in_vae_phase:  # the ELBO over vae_num_samples draws: recon by blocks of draws, then the KL
+            assert self.encoder is not None
+            z, kl = self.encoder.rsample(x, self.vae_num_samples, generator)
+            n = z.shape[0] * x.shape[0]
+            nll = backward_in_blocks(lambda zb: -self.model.log_likelihood(x, zb).sum() / n, z, self._backward_rows(),
+                                     self.manual_backward, kl.mean())
+            loss = nll + kl.mean().detach()
+            logs.update(elbo=-loss, recon=-nll, kl=kl.mean().detach())
+        else:
+            z, logs = self.e_step(x, index, generator)
+            zero = None
+            if self.encoder is not None and self._distributed:
+                # DDP expects a gradient for every parameter; the encoder rests in this phase (and is in no
+                # Langevin-phase optimiser), so give it an exact zero instead of an error.
+                zero = 0.0 * sum(p.sum() for p in self.encoder.parameters())
+            share = 1.0 / z.shape[0]  # m_step_loss of a block of chains, weighted by its share of them
+            loss = backward_in_blocks(lambda zb: self.m_step_loss(x, zb) * (zb.shape[0] * share), z,
+                                      self._backward_rows(), self.manual_backward, zero)
+            logs["log_lik"] = -loss
         optimizer.step()
         self.log("train/phase", 0.0 if self.in_vae_phase else 1.0, prog_bar=True, batch_size=x.shape[0])  # a float: no sync
         if self.logging_step():
@@ -347,7 +365,8 @@ class ALMOND(LatentVariableModel):
         z = self.chain_states(index).to(x.device)
         draws = [z]
         while sum(d.shape[0] for d in draws) < n:
-            z = self.sampler.sample(partial(self.model.log_joint, x), z, generator, step_size=self.current_step_size()).z
+            z = sample_in_blocks(self.sampler.sample, partial(self.model.log_joint, x), z, self.block_rows, generator,
+                                 step_size=self.current_step_size()).z
             draws.append(z)
         return torch.cat(draws)[:n]
 
@@ -359,8 +378,8 @@ class ALMOND(LatentVariableModel):
         z = self.initial_states(x, n, generator)
         if self.eval_langevin_steps == 0:
             return z
-        z = self.sampler.with_steps(self.eval_langevin_steps).sample(
-            partial(self.model.log_joint, x), z, generator, step_size=self.current_step_size()).z
+        z = sample_in_blocks(self.sampler.with_steps(self.eval_langevin_steps).sample, partial(self.model.log_joint, x),
+                             z, self.block_rows, generator, step_size=self.current_step_size()).z
         if not bool(torch.isfinite(z).all()):
             raise NumericalError("ALMOND evaluation sampler produced non-finite chain states; lower sampler.step_size")
         return z

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from latentlab.reproduce import Report, Table
-from latentlab.reproduce.common import cell, markdown_table, train_run
+from latentlab.reproduce.common import cell, markdown_table, train_runs
 
 PRIORS = ("normal", "exponential", "mixture")
 N_DRAWS = 10000
@@ -87,9 +87,19 @@ def learned_prior(run_dir: Path) -> torch.Tensor:
     return learned_latents(model.model, N_DRAWS, torch.Generator().manual_seed(0)).reshape(-1)
 
 
+def overrides(prior: str, method: str, seed: int, budget: str) -> list[str]:
+    return [METHODS[method], f"data.prior={prior}", f"data.data_seed={seed}", f"seed={seed}",
+            f"callbacks.latent_metrics.n_samples={N_DRAWS}", *PER_PRIOR.get(prior, {}).get(method, []),
+            *BUDGET[budget][method]]
+
+
 def run(out_dir: Path, budget: str, repeats: int) -> Report:
     results: dict[str, dict[str, list[tuple[float, float]]]] = {p: {m: [] for m in ("eb", *METHODS)} for p in PRIORS}
     draws: dict[str, dict[str, torch.Tensor]] = {p: {} for p in PRIORS}
+    # the runs are independent: one process per core, the mixture's ALMOND runs (a 50-100-50 net) first
+    cells = [(p, m, r) for p in PRIORS for m in METHODS for r in range(repeats)]
+    cells.sort(key=lambda c: (c[0] != "mixture", c[1] != "almond"))
+    train_runs([(out_dir / p / f"{m}-{r}", overrides(p, m, 123 + r, budget)) for p, m, r in cells])
     for prior in PRIORS:
         for r in range(repeats):
             seed = 123 + r
@@ -97,11 +107,8 @@ def run(out_dir: Path, budget: str, repeats: int) -> Report:
             results[prior]["eb"].append(distances(estimate, truth, prior))
             draws[prior].setdefault("truth", truth)
             draws[prior].setdefault("eb", estimate)
-            for method, experiment in METHODS.items():
+            for method in METHODS:
                 run_dir = out_dir / prior / f"{method}-{r}"
-                train_run(run_dir, [experiment, f"data.prior={prior}", f"data.data_seed={seed}", f"seed={seed}",
-                                    f"callbacks.latent_metrics.n_samples={N_DRAWS}",
-                                    *PER_PRIOR.get(prior, {}).get(method, []), *BUDGET[budget][method]])
                 learned = learned_prior(run_dir)
                 results[prior][method].append(distances(learned, truth, prior))
                 draws[prior].setdefault(method, learned)

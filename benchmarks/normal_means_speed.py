@@ -1,0 +1,87 @@
+"""What one epoch of the many-normal-means experiment costs, by `model.block_rows` (issue 14, goal 3).
+
+    python benchmarks/normal_means_speed.py                       # the mixture prior's nets, ~3 minutes
+    python benchmarks/normal_means_speed.py --prior normal --hidden 10
+
+Full batch (n = 1000), so each epoch is one step: the VAE warm-up (vae_num_samples draws per example through
+encoder and decoder) and the Langevin phase (100 chains x 10 ULA moves, then the M-step over all chains). Runs
+`ALMOND.training_step` itself (built from `experiment=almond_normal_means`) outside the Trainer, repeats
+interleaved across block sizes so the shared machine's noise hits each alike; medians. The last column
+extrapolates the paper's budget (1000 warm-up + 1000 Langevin epochs) for one prior.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from unittest import mock
+
+import torch
+
+from latentlab import builders
+
+PAPER_EPOCHS = 1000
+
+
+def build(prior: str, hidden: list[int], draws: int, rows: int | None):
+    overrides = ["experiment=almond_normal_means", f"data.prior={prior}", f"net.hidden_dims=[{','.join(map(str, hidden))}]",
+                 f"model.vae_num_samples={draws}", f"model.block_rows={'null' if rows is None else rows}"]
+    cfg = builders.compose_config(overrides, output_dir="/tmp/normal_means_speed")
+    builders.resolve_paths(cfg)
+    datamodule = builders.build_datamodule(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model = builders.build_model(cfg, datamodule)
+    batch = next(iter(datamodule.train_dataloader()))
+    model.allocate_chains(len(batch[1]))
+    optimizers = model.configure_optimizers()
+    optimizers = optimizers[0] if isinstance(optimizers, tuple) else optimizers
+    model.optimizers = lambda: optimizers  # what the Trainer would hand back
+    model.manual_backward = lambda loss: loss.backward()
+    model.log = lambda *a, **k: None
+    return model, batch
+
+
+def epoch_seconds(model, batch, phase: str) -> float:
+    vae = phase == "vae"
+    with mock.patch.object(type(model), "in_vae_phase", new=property(lambda self: vae)), \
+            mock.patch.object(type(model), "langevin_epoch", new=property(lambda self: 200)), \
+            mock.patch.object(type(model), "current_epoch", new=property(lambda self: 1200)), \
+            mock.patch.object(type(model), "logging_step", new=lambda self: False):
+        start = time.perf_counter()
+        model.training_step(batch, 0)
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prior", default="mixture")
+    parser.add_argument("--hidden", type=int, nargs="+", default=[50, 100, 50])
+    parser.add_argument("--draws", type=int, default=100, help="vae_num_samples (the mixture script's 100)")
+    parser.add_argument("--rows", nargs="+", default=["null", "1024", "4096", "16384"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    sizes = [None if r == "null" else int(r) for r in args.rows]
+    built = {r: build(args.prior, args.hidden, args.draws, r) for r in sizes}
+    times: dict[tuple[int | None, str], list[float]] = {(r, p): [] for r in sizes for p in ("vae", "langevin")}
+    for _ in range(args.repeats):
+        for r in sizes:
+            for phase in ("vae", "langevin"):
+                times[(r, phase)].append(epoch_seconds(*built[r], phase))
+    base = {p: statistics.median(times[(None, p)]) if None in sizes else float("nan") for p in ("vae", "langevin")}
+    print(f"\nmany normal means, prior={args.prior}, nets {args.hidden}, {args.draws} VAE draws, "
+          f"{args.threads} thread(s); median of {args.repeats}\n")
+    print("| block_rows | VAE epoch (s) | Langevin epoch (s) | vs unblocked | paper budget, one prior (min) |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in sizes:
+        vae, lang = (statistics.median(times[(r, p)]) for p in ("vae", "langevin"))
+        total = PAPER_EPOCHS * (vae + lang) / 60
+        print(f"| {r if r is not None else 'null (all)'} | {vae:.3f} | {lang:.3f} | "
+              f"{(base['vae'] + base['langevin']) / (vae + lang):.2f}x | {total:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

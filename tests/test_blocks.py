@@ -1,0 +1,91 @@
+"""Chains run and back-propagated in blocks (latentlab.samplers.blocks) are the unblocked computation.
+
+Sampling: a blocked call must be exactly the sampler run on each block in turn with the same generator, merged
+(states, step sizes, counts, kept samples, diagnostics); in law it is then the unblocked sampler, which
+test_almond's statistical E-step tests check (their 8000- and 20000-row E-steps run blocked by default).
+Back-propagation: parameter gradients equal those of one backward of the whole loss, to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from latentlab.nets.gaussian import GaussianEncoder
+from latentlab.nets import NetSpec
+from latentlab.samplers import MALA, ULA
+from latentlab.samplers.blocks import backward_in_blocks, chains_per_block, sample_in_blocks
+
+
+def decoder() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(2, 16), nn.Softplus(), nn.Linear(16, 5))
+
+
+def test_chains_per_block_counts_rows_of_the_chains_dimension() -> None:
+    z = torch.zeros(10, 7, 2)
+    assert chains_per_block(z, None) == 10 and chains_per_block(z, 1000) == 10
+    assert chains_per_block(z, 21) == 3 and chains_per_block(z, 5) == 1  # at least one chain per block
+    assert chains_per_block(torch.zeros(10, 2), 3) == 10  # no separate chains dimension: never split
+
+
+@pytest.mark.parametrize("sampler", [ULA(0.05, 6, burn_in=2), MALA(0.05, 6, adapt_window=4)])
+def test_a_blocked_call_is_the_sampler_on_each_block_in_turn(sampler) -> None:
+    net, x = decoder(), torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
+
+    def log_prob(z: torch.Tensor) -> torch.Tensor:
+        return -0.5 * (net(z) - x).square().sum(-1) - 0.5 * z.square().sum(-1)
+
+    z0 = torch.randn(7, 3, 2, generator=torch.Generator().manual_seed(2))
+    step = torch.rand(7, 3, generator=torch.Generator().manual_seed(3)) * 0.05 + 0.01
+    count = torch.arange(21).reshape(7, 3)
+    blocked = sample_in_blocks(sampler.sample, log_prob, z0, 6, torch.Generator().manual_seed(4), step_size=step,
+                               step_count=count, keep_samples=True)
+    gen = torch.Generator().manual_seed(4)
+    parts = [sampler.sample(log_prob, z0[a:b], gen, keep_samples=True, step_size=step[a:b], step_count=count[a:b])
+             for a, b in ((0, 2), (2, 4), (4, 6), (6, 7))]  # 6 rows = 2 chains of 3 examples per block
+    torch.testing.assert_close(blocked.z, torch.cat([p.z for p in parts]), rtol=0, atol=0)
+    torch.testing.assert_close(blocked.step_size, torch.cat([p.step_size for p in parts]), rtol=0, atol=0)
+    torch.testing.assert_close(blocked.samples, torch.cat([p.samples for p in parts], 1), rtol=0, atol=0)
+    torch.testing.assert_close(blocked.step_count, count + 6)
+    sizes = torch.tensor([2.0, 2.0, 2.0, 1.0])
+    expected = float((torch.tensor([p.diagnostics["grad_norm"] for p in parts]) * sizes).sum() / 7)
+    assert blocked.diagnostics["grad_norm"] == pytest.approx(expected, rel=1e-6)
+    assert blocked.diagnostics["n_nonfinite"] == 0.0
+    assert blocked.diagnostics["nonfinite_per_chain"].shape == (7, 3)
+
+
+def test_blocked_backward_gives_the_m_step_gradient_of_one_backward() -> None:
+    net, x = decoder(), torch.randn(4, 5)
+    z = torch.randn(9, 4, 2)
+
+    def loss_of(zb: torch.Tensor) -> torch.Tensor:  # a mean over all chains, as ALMOND's M-step weights it
+        return (net(zb) - x).square().sum(-1).mean() * zb.shape[0] / z.shape[0]
+
+    loss_of(z).backward()
+    full = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    total = backward_in_blocks(loss_of, z, 8, torch.Tensor.backward)  # 2 chains x 4 examples per block: 5 blocks
+    for p, g in zip(net.parameters(), full, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
+    assert float(total) == pytest.approx(float(loss_of(z)), rel=1e-6)
+
+
+def test_blocked_backward_carries_the_gradient_into_the_encoder_with_the_kl_term() -> None:
+    """The VAE warm-up: z = mu(x) + sigma(x) eps has a graph; its blocks' gradient must reach the encoder."""
+    net, x = decoder(), torch.randn(4, 5)
+    torch.manual_seed(1)
+    encoder = GaussianEncoder.build(NetSpec(kind="mlp", hidden_dims=[8]), 5, 2, None, -12.0)
+    params = [*net.parameters(), *encoder.parameters()]
+
+    def step(rows: int | None) -> list[torch.Tensor]:
+        for p in params:
+            p.grad = None
+        z, kl = encoder.rsample(x, 6, torch.Generator().manual_seed(5))
+        backward_in_blocks(lambda zb: (net(zb) - x).square().sum() / z[..., 0].numel(), z, rows, torch.Tensor.backward,
+                           kl.mean())
+        return [p.grad.clone() for p in params]
+
+    for blocked, full in zip(step(8), step(None), strict=True):
+        torch.testing.assert_close(blocked, full, rtol=1e-5, atol=1e-6)
