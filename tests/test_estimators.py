@@ -144,3 +144,34 @@ def test_posteriors_known_by_draws_get_is_from_their_draws_or_ais_as_configured(
         est = estimate_log_px(model, x, draws, settings, torch.Generator().manual_seed(1))
         assert label in est.budget and est.estimator == settings.sample_estimator
         assert abs(float((est.log_px - lg.log_marginal(x)).mean())) < 0.1  # exact posterior draws: both close
+
+
+def test_adaptive_rounds_find_the_posterior_modes_the_draws_missed() -> None:
+    """Draws that all sit in one of four modes (at (+/-2, +/-2), std 0.15, known normaliser): IS from their kernel
+    mixture reaches the other modes only through its prior and wide parts, a handful of heavy weights, and reads
+    0.8 nats low; two rounds of adaptive IS (`refine_proposal`, 1000 pilot draws each) resample those draws into
+    centres in every mode, and the estimate is within 4 of its standard errors of the truth and a third of the
+    plain error. `eval/nll=standard` runs these rounds (`kde_refine: 2`)."""
+    from latentlab.estimators import importance_sampling
+    from latentlab.estimators.importance import DrawMixture, refine_proposal
+
+    g = torch.Generator().manual_seed(0)
+    batch, s, log_c = 8, 0.15, torch.linspace(-5.0, 5.0, 8, dtype=torch.float64)
+    centres = torch.tensor([[-2.0, -2.0], [-2.0, 2.0], [2.0, -2.0], [2.0, 2.0]], dtype=torch.float64)
+
+    def log_joint(x, z):
+        log_modes = -0.5 * ((z[..., None, :] - centres) / s).square().sum(-1) - 2 * math.log(s) - math.log(2 * math.pi)
+        return log_c + torch.logsumexp(log_modes, -1) - math.log(4.0)
+
+    draws = centres[3] + s * torch.randn(64, batch, 2, generator=g, dtype=torch.float64)  # one mode of four
+    x = torch.zeros(batch, 1, dtype=torch.float64)
+    plain = importance_sampling(log_joint, x, DrawMixture(draws, 0.2, 6.0), k=1000, generator=g)
+    plain_error = float((plain.log_px - log_c).mean())
+    assert plain_error < -0.5
+    proposal = DrawMixture(draws, 0.2, 6.0)
+    for _ in range(2):
+        proposal = refine_proposal(log_joint, x, proposal, 1000, 64, 0.2, 6.0, 250, g)
+    refined = importance_sampling(log_joint, x, proposal, k=1000, generator=g)
+    se = float(refined.log_px_se.pow(2).sum().sqrt() / batch)
+    error = float((refined.log_px - log_c).mean())
+    assert abs(error) < N_SE * se and abs(error) < abs(plain_error) / 3, (error, se, plain_error)

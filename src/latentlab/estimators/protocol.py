@@ -15,7 +15,7 @@ from torch import Tensor
 
 from latentlab.estimators.ais import ais_log_weights
 from latentlab.estimators.common import log_mean_exp
-from latentlab.estimators.importance import importance_sampling, is_proposal
+from latentlab.estimators.importance import importance_sampling, is_proposal, refine_proposal
 from latentlab.estimators.settings import NLLSettings
 from latentlab.generative import GenerativeModel
 from latentlab.posterior import Posterior
@@ -41,6 +41,9 @@ def estimate_log_px(model: GenerativeModel, x: Tensor, posterior: Posterior | No
     if estimator == "is":
         assert posterior is not None
         proposal = is_proposal(posterior, settings.is_inflation, settings.fit_draws, settings.kde_bandwidth, generator)
+        for _ in range(settings.kde_refine if not posterior.has_density else 0):  # rounds of k pilot draws
+            proposal = refine_proposal(model.log_joint, x, proposal, settings.k, settings.fit_draws,
+                                       settings.kde_bandwidth, settings.is_inflation, settings.chunk_size, generator)
         result = importance_sampling(model.log_joint, x, proposal, settings.k, settings.chunk_size, generator)
         return LogPxEstimate(result.log_px, result.log_px_half, "is",
                              settings.budget("is", from_draws=not posterior.has_density))

@@ -36,7 +36,7 @@ class NLLSettings:
     A posterior known only by draws (AVB, ALMOND) gets `sample_estimator` under `auto`: `is` from the
     `DrawMixture` of `fit_draws` draws (kernel bandwidth `kde_bandwidth` x their std, defensive half), `ais`, or
     `auto`: IS from draws up to `kde_max_dim` latent dimensions (a kernel proposal from 64 draws degrades fast with
-    dimension), AIS above. AIS: `ais_steps` intermediate distributions x `ais_chains` chains, `ais_leapfrog` HMC
+    dimension), AIS above; `kde_refine` rounds of adaptive IS refine that mixture, each from k pilot draws. AIS: `ais_steps` intermediate distributions x `ais_chains` chains, `ais_leapfrog` HMC
     steps per transition, `ais_start` posterior (the fitted Gaussian) | prior. `max_batches`: at most this many
     batches per val/test epoch (None: all); `val_every_n_epochs`: 0 switches validation's NLL off.
     `name` is the budget's name (fast | standard | paper) that every result reports.
@@ -55,6 +55,7 @@ class NLLSettings:
     sample_estimator: str = "auto"
     kde_bandwidth: float = 0.2
     kde_max_dim: int = 2
+    kde_refine: int = 0
     max_batches: int | None = None
     val_every_n_epochs: int = 1
 
@@ -68,6 +69,8 @@ class NLLSettings:
         if self.ais_start not in AIS_STARTS:
             raise ConfigError(f"eval.nll.ais_start must be one of {'|'.join(AIS_STARTS)}, got {self.ais_start!r}")
         _check_positive("eval.nll", self, ("k", "chunk_size", "ais_steps", "ais_chains", "ais_leapfrog", "kde_max_dim"))
+        if isinstance(self.kde_refine, bool) or not isinstance(self.kde_refine, int) or self.kde_refine < 0:
+            raise ConfigError(f"eval.nll.kde_refine must be an integer >= 0, got {self.kde_refine!r}")
         if isinstance(self.fit_draws, bool) or not isinstance(self.fit_draws, int) or self.fit_draws < 2:
             raise ConfigError(f"eval.nll.fit_draws must be an integer >= 2, got {self.fit_draws!r}")
         if self.max_batches is not None and (not isinstance(self.max_batches, int) or self.max_batches < 1):
@@ -122,7 +125,8 @@ class NLLSettings:
         """A short label of the budget that produced a number, e.g. `is k=1000 defensive x6` or `ais 500x4 L=5`."""
         defensive = f" defensive x{self.is_inflation:g}" if self.is_inflation != 1.0 else ""
         if estimator == "is" and from_draws:
-            return f"is k={self.k} from {self.fit_draws} draws (kde h={self.kde_bandwidth:g}{defensive}, prior 1/3)"
+            refined = f", {self.kde_refine} adaptive rounds of k" if self.kde_refine else ""
+            return f"is k={self.k} from {self.fit_draws} draws (kde h={self.kde_bandwidth:g}{defensive}, prior 1/3{refined})"
         if estimator == "is":
             return f"is k={self.k}{defensive}"
         return f"ais {self.ais_steps}x{self.ais_chains} L={self.ais_leapfrog} from {self.ais_start}"
