@@ -140,7 +140,7 @@ def test_posteriors_known_by_draws_get_is_from_their_draws_or_ais_as_configured(
     draws = SamplePosterior(lambda n, g: GaussianPosterior(mean, log_var).sample(n, g))
     standard = NLLSettings.preset("standard")
     for settings, label in ((replace(standard, sample_estimator="is"), "from 64 draws (kde h=0.2"),
-                            (replace(standard, sample_estimator="ais", ais_steps=20), "ais 20x4")):
+                            (replace(standard, sample_estimator="ais", ais_steps=20), "ais 20x8")):
         est = estimate_log_px(model, x, draws, settings, torch.Generator().manual_seed(1))
         assert label in est.budget and est.estimator == settings.sample_estimator
         assert abs(float((est.log_px - lg.log_marginal(x)).mean())) < 0.1  # exact posterior draws: both close
