@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from latentlab.estimators.protocol import CONVERGENCE_FLAG_NATS
 from latentlab.plotting import tile_pngs
 from latentlab.reproduce import Report, Table
 from latentlab.reproduce.common import cell, markdown_table, train_run
@@ -34,7 +35,6 @@ EVAL = {"paper": [], "cpu": ["eval.samples=2000", "eval.gaps=100"],
 COLUMNS = [("test/nll", 1, "NLL (nats)"), ("test/elbo", -1, "own bound (-ELBO)**"),
            ("test/inference_gap", 1, "inference gap (100 images)"), ("test/fid", 1, "FID*"), ("test/kid_mean", 1, "KID*"),
            ("test/precision", 1, "precision"), ("test/recall", 1, "recall")]
-FLAG = 0.1  # a half-budget diagnostic above this many nats is flagged, as in metrics.md
 NOTE = """
 *FID/KID/precision/recall in latentlab's own MNIST classifier features, not Inception's.
 **Each method's own bound on the test set: the VAE's ELBO; AVB's ELBO with the discriminator's KL estimate;
@@ -46,11 +46,11 @@ protocol, its budget and the half-budget diagnostic (estimate at half the budget
 
 
 def estimator_cell(metrics: dict[str, Any]) -> str:
-    """'ais 500x4 ... (half-budget 0.04)', flagged when the diagnostic exceeds FLAG nats."""
+    """'ais 500x4 ... (half-budget 0.04)', flagged as metrics.md flags it (CONVERGENCE_FLAG_NATS)."""
     budget, half = str(metrics.get("test/nll_budget", "?")), metrics.get("test/nll_half_gap")
     if half is None:
         return budget
-    return f"{budget} (half-budget {float(half):.2f}{', flagged' if abs(float(half)) > FLAG else ''})"
+    return f"{budget} (half-budget {float(half):.2f}{', flagged' if abs(float(half)) > CONVERGENCE_FLAG_NATS else ''})"
 
 
 def nll_cell(results: list[dict[str, Any]]) -> str:
