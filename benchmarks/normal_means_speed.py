@@ -59,29 +59,31 @@ def main() -> None:
     parser.add_argument("--prior", default="mixture")
     parser.add_argument("--hidden", type=int, nargs="+", default=[50, 100, 50])
     parser.add_argument("--draws", type=int, default=100, help="vae_num_samples (the mixture script's 100)")
-    parser.add_argument("--rows", nargs="+", default=["null", "auto", "1024", "4096", "16384"], help="block_rows values")
+    parser.add_argument("--rows", nargs="+", default=["null", "auto", "1024", "16384"], help="block_rows values")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                        help="torch thread counts (model.block_workers=auto: as many block workers)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     sizes = list(dict.fromkeys(["null", *args.rows]))  # the unblocked baseline first
+    configs = [(r, t) for t in args.threads for r in sizes]
     built = {r: build(args.prior, args.hidden, args.draws, r) for r in sizes}
-    times: dict[tuple[str, str], list[float]] = {(r, p): [] for r in sizes for p in ("vae", "langevin")}
+    times: dict[tuple[str, int, str], list[float]] = {(*c, p): [] for c in configs for p in ("vae", "langevin")}
     for _ in range(args.repeats):
-        for r in sizes:
+        for r, t in configs:
+            torch.set_num_threads(t)
             for phase in ("vae", "langevin"):
-                times[(r, phase)].append(epoch_seconds(*built[r], phase))
-    base = {p: statistics.median(times[("null", p)]) for p in ("vae", "langevin")}
-    print(f"\nmany normal means, prior={args.prior}, nets {args.hidden}, {args.draws} VAE draws, "
-          f"{args.threads} thread(s); median of {args.repeats}\n")
-    print("| block_rows | VAE epoch (s) | Langevin epoch (s) | vs unblocked | paper budget, one prior (min) |")
-    print("| --- | --- | --- | --- | --- |")
-    for r in sizes:
-        vae, lang = (statistics.median(times[(r, p)]) for p in ("vae", "langevin"))
+                times[(r, t, phase)].append(epoch_seconds(*built[r], phase))
+    print(f"\nmany normal means, prior={args.prior}, nets {args.hidden}, {args.draws} VAE draws; median of "
+          f"{args.repeats}, interleaved\n")
+    print("| block_rows | threads (= block workers) | VAE epoch (s) | Langevin epoch (s) | vs unblocked, 1 thread | "
+          "paper budget, one prior (min) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    base = sum(statistics.median(times[("null", args.threads[0], p)]) for p in ("vae", "langevin"))
+    for r, t in configs:
+        vae, lang = (statistics.median(times[(r, t, p)]) for p in ("vae", "langevin"))
         total = PAPER_EPOCHS * (vae + lang) / 60
         rows = built[r][0].block_rows
-        print(f"| {r} ({rows or 'all'} rows) | {vae:.3f} | {lang:.3f} | "
-              f"{(base['vae'] + base['langevin']) / (vae + lang):.2f}x | {total:.1f} |")
+        print(f"| {r} ({rows or 'all'} rows) | {t} | {vae:.3f} | {lang:.3f} | {base / (vae + lang):.2f}x | {total:.1f} |")
 
 
 if __name__ == "__main__":

@@ -263,6 +263,22 @@ def test_resume_from_last_ckpt_continues_the_same_chains(tmp_path: Path, sampler
     assert torch.equal(fresh.chains, ckpt["almond"]["chains"]) and fresh.seed == 7
 
 
+def test_block_workers_train_exactly_as_one_thread() -> None:
+    """Warm-up, E-step and M-step in 50-row blocks on two threads: the same chains and weights as on one."""
+    x = ppca_data(60)[1]
+
+    def run(workers: int) -> ALMOND:
+        torch.manual_seed(0)
+        model = linear_almond(sampler_seed=7, vae_epochs=1, vae_num_samples=10, block_rows=50, block_workers=workers)
+        quiet_trainer(max_epochs=3).fit(model, loader(x, 20))
+        return model
+
+    one, two = run(1), run(2)
+    torch.testing.assert_close(one.chains, two.chains, rtol=0, atol=0)
+    for a, b in zip(one.parameters(), two.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 class ChainDump(L.Callback):
     """Each process saves its chain buffer, and what it wrote itself in the last epoch."""
 

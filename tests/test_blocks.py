@@ -1,9 +1,10 @@
 """Chains run and back-propagated in blocks (latentlab.samplers.blocks) are the unblocked computation.
 
-Sampling: a blocked call must be exactly the sampler run on each block in turn with the same generator, merged
+Sampling: a blocked call must be exactly the sampler run on each block in turn with that block's generator, merged
 (states, step sizes, counts, kept samples, diagnostics); in law it is then the unblocked sampler, which
 test_almond's statistical E-step tests check (their 8000- and 20000-row E-steps run blocked by default).
 Back-propagation: parameter gradients equal those of one backward of the whole loss, to float32 rounding.
+Blocks on threads (workers > 1) must give exactly what one thread gives: the same chains, the same gradients.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import nn
 from latentlab.nets.gaussian import GaussianEncoder
 from latentlab.nets import NetSpec
 from latentlab.samplers import MALA, ULA
-from latentlab.samplers.blocks import backward_in_blocks, chains_per_block, sample_in_blocks
+from latentlab.samplers.blocks import backward_in_blocks, block_generators, chains_per_block, sample_in_blocks
 
 
 def decoder() -> nn.Module:
@@ -42,9 +43,9 @@ def test_a_blocked_call_is_the_sampler_on_each_block_in_turn(sampler) -> None:
     count = torch.arange(21).reshape(7, 3)
     blocked = sample_in_blocks(sampler.sample, log_prob, z0, 6, torch.Generator().manual_seed(4), step_size=step,
                                step_count=count, keep_samples=True)
-    gen = torch.Generator().manual_seed(4)
+    gens = block_generators(torch.Generator().manual_seed(4), z0, 4)
     parts = [sampler.sample(log_prob, z0[a:b], gen, keep_samples=True, step_size=step[a:b], step_count=count[a:b])
-             for a, b in ((0, 2), (2, 4), (4, 6), (6, 7))]  # 6 rows = 2 chains of 3 examples per block
+             for (a, b), gen in zip(((0, 2), (2, 4), (4, 6), (6, 7)), gens)]  # 6 rows = 2 chains of 3 examples per block
     torch.testing.assert_close(blocked.z, torch.cat([p.z for p in parts]), rtol=0, atol=0)
     torch.testing.assert_close(blocked.step_size, torch.cat([p.step_size for p in parts]), rtol=0, atol=0)
     torch.testing.assert_close(blocked.samples, torch.cat([p.samples for p in parts], 1), rtol=0, atol=0)
@@ -101,3 +102,68 @@ def test_auto_blocks_hold_a_fixed_number_of_activation_floats() -> None:
 
     assert rows([50, 100, 50]) == 4000 and rows([10]) == 40000 and rows([512, 512], data_dim=784) == 510
     assert rows([10], block_rows=64) == 64 and rows([10], block_rows=None) is None
+
+
+@pytest.mark.parametrize("sampler", [ULA(0.05, 6, burn_in=2), MALA(0.05, 6, adapt_window=4)])
+def test_blocks_on_threads_give_the_chains_of_one_thread(sampler) -> None:
+    """Each block's own generator, keyed from the caller's: the threads' order cannot change a draw."""
+    net, x = decoder(), torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
+
+    def log_prob(z: torch.Tensor) -> torch.Tensor:
+        return -0.5 * (net(z) - x).square().sum(-1) - 0.5 * z.square().sum(-1)
+
+    z0 = torch.randn(40, 3, 2, generator=torch.Generator().manual_seed(2))
+
+    def run(workers: int):
+        return sample_in_blocks(sampler.sample, log_prob, z0, 6, torch.Generator().manual_seed(4), keep_samples=True,
+                                workers=workers)
+
+    one, three = run(1), run(3)  # 20 blocks of 2 chains
+    for a, b in ((one.z, three.z), (one.step_size, three.step_size), (one.samples, three.samples)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert one.diagnostics["grad_norm"] == three.diagnostics["grad_norm"]
+
+    def from_global_rng(workers: int) -> torch.Tensor:  # no generator: the blocks' seeds come from the global RNG
+        torch.manual_seed(7)
+        return sample_in_blocks(sampler.sample, log_prob, z0, 6, None, workers=workers).z
+
+    torch.testing.assert_close(from_global_rng(1), from_global_rng(3), rtol=0, atol=0)
+
+
+def test_backward_on_threads_gives_the_gradients_of_one_thread() -> None:
+    """The M-step (detached chains) and the warm-up (z through the encoder, plus the KL term): the blocks'
+    gradients summed in block order are the ones that one backward per block accumulates."""
+    net, x = decoder(), torch.randn(4, 5)
+    torch.manual_seed(1)
+    encoder = GaussianEncoder.build(NetSpec(kind="mlp", hidden_dims=[8]), 5, 2, None, -12.0)
+    params = [*net.parameters(), *encoder.parameters()]
+
+    def grads(workers: int, warmup: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        for p in params:
+            p.grad = None
+        if warmup:
+            z, kl = encoder.rsample(x, 9, torch.Generator().manual_seed(5))
+            extra = kl.mean()
+        else:
+            z, extra = torch.randn(9, 4, 2, generator=torch.Generator().manual_seed(5)), None
+        total = backward_in_blocks(lambda zb: (net(zb) - x).square().sum() / z[..., 0].numel(), z, 8,
+                                   torch.Tensor.backward, extra, params=params, workers=workers)
+        return total, [torch.zeros(()) if p.grad is None else p.grad.clone() for p in params]
+
+    for warmup in (False, True):
+        (loss1, g1), (loss2, g2) = grads(1, warmup), grads(2, warmup)
+        torch.testing.assert_close(loss1, loss2, rtol=0, atol=0)
+        for a, b in zip(g1, g2, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert any(float(g.abs().sum()) > 0 for g in g2[len(list(net.parameters())):]) == warmup  # encoder reached
+
+
+def test_block_workers_are_checked_and_auto_is_the_cpu_thread_count() -> None:
+    from latentlab.errors import ConfigError
+    from latentlab.models import ALMOND
+    from latentlab.samplers.blocks import resolve_workers
+
+    assert resolve_workers("auto", torch.device("cpu")) == torch.get_num_threads()
+    assert resolve_workers("auto", torch.device("meta")) == 1 and resolve_workers(3, torch.device("cpu")) == 3
+    with pytest.raises(ConfigError, match="model.block_workers must be an integer >= 1 or auto, got 0"):
+        ALMOND(data_dim=1, latent_dim=1, num_train=4, block_workers=0)

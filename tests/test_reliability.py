@@ -28,7 +28,7 @@ from latentlab.checkpointing import (
     remove_stale_temp_files,
     resolve_ckpt_path,
 )
-from latentlab.errors import CheckpointError, NumericalError, Preempted
+from latentlab.errors import CheckpointError, ConfigError, NumericalError, Preempted
 from latentlab.fault_drills import AVAILABLE, KILL_DURING_SAVE, KILL_RUN, METHODS, QUIET, SMALL, cli, preempt_at
 from latentlab.train import train
 
@@ -206,6 +206,22 @@ def test_sigkill_during_a_save_and_at_random_points_then_resume_matches(tmp_path
         assert same_metrics({key: resumed[key]}, {key: value}), key
     with (run_dir / "csv" / "metrics.csv").open() as fh:  # every epoch's validation logged once: none lost, none twice
         assert sorted(int(float(r["epoch"])) for r in csv.DictReader(fh) if r.get("val/nll")) == [0, 1, 2, 3]
+
+
+def test_snapshot_epochs_keep_that_epochs_state_beside_last(tmp_path: Path) -> None:
+    """snapshot_epochs=[1]: epoch=1.ckpt holds the state after epoch 1 (what a 1-epoch run ends with), last.ckpt
+    the final one; a snapshot resumes like any checkpoint."""
+    run(tmp_path / "long", "callbacks.model_checkpoint.snapshot_epochs=[1]", "trainer.max_epochs=2")
+    run(tmp_path / "short", "trainer.max_epochs=1")
+    load = lambda p: torch.load(p, weights_only=True, map_location="cpu")  # noqa: E731
+    snap, last = load(tmp_path / "long/checkpoints/epoch=1.ckpt"), load(tmp_path / "long/checkpoints/last.ckpt")
+    short = load(tmp_path / "short/checkpoints/last.ckpt")
+    assert snap["epoch"] == short["epoch"] and snap["global_step"] == short["global_step"] < last["global_step"]
+    for key, value in short["state_dict"].items():
+        torch.testing.assert_close(snap["state_dict"][key], value, rtol=0, atol=0)
+    assert sorted(p.name for p in (tmp_path / "short/checkpoints").iterdir()) == ["last.ckpt"]
+    with pytest.raises(ConfigError, match="snapshot_epochs must be epoch counts >= 1"):
+        run(tmp_path / "bad", "callbacks.model_checkpoint.snapshot_epochs=[0]")
 
 
 def test_resume_last_without_a_checkpoint_is_a_clear_error(tmp_path: Path) -> None:

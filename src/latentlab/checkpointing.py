@@ -6,7 +6,8 @@
   holding NaN/inf anywhere (weights, optimiser moments, ALMOND's chains): a diverged model never
   replaces the last good one.
 - `PeriodicCheckpoint`: writes `checkpoints/last.ckpt` every `every_n_epochs` epochs and/or every
-  `every_n_train_steps` optimiser steps (both may be on), and once more when training ends.
+  `every_n_train_steps` optimiser steps (both may be on), and once more when training ends; and keeps
+  `checkpoints/epoch=N.ckpt` after the epochs listed in `snapshot_epochs` (e.g. the end of ALMOND's warm-up).
 - `RandomState`: Lightning does not checkpoint the global torch/numpy/python random states, yet the
   shuffle order and the reparameterisation noise come from them; this callback saves and restores
   them, so a resumed run (at any step) continues exactly as the uninterrupted run would.
@@ -28,7 +29,7 @@ import os
 import random
 import signal
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,13 +121,18 @@ class PeriodicCheckpoint(Checkpoint):
     with `save_top_k=0` writes `last.ckpt` only when training ends) this keeps one file, always the
     newest state, which is what resuming after a kill needs. Steps count optimiser steps
     (`trainer.global_step`), which methods with two optimisers (AVB) advance twice per batch.
+    `snapshot_epochs`: after these many epochs (counted from 1) also keep `epoch=N.ckpt`, never overwritten.
     """
 
     def __init__(self, dirpath: str | Path, every_n_epochs: int = 1, every_n_train_steps: int = 0,
-                 save_on_train_end: bool = True) -> None:
+                 save_on_train_end: bool = True, snapshot_epochs: Sequence[int] = ()) -> None:
         for key, value in (("every_n_epochs", every_n_epochs), ("every_n_train_steps", every_n_train_steps)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"callbacks.model_checkpoint.{key} must be an integer >= 0 (0: off), got {value!r}")
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in snapshot_epochs):
+            raise ConfigError(f"callbacks.model_checkpoint.snapshot_epochs must be epoch counts >= 1, got "
+                              f"{list(snapshot_epochs)!r}")
+        self.snapshot_epochs = frozenset(int(n) for n in snapshot_epochs)
         self.dirpath = Path(dirpath)
         self.every_n_epochs, self.every_n_train_steps = every_n_epochs, every_n_train_steps
         self.save_on_train_end = bool(save_on_train_end)
@@ -193,8 +199,10 @@ class PeriodicCheckpoint(Checkpoint):
             self.save(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        n = self.every_n_epochs
-        if n and (trainer.current_epoch + 1) % n == 0 and not self._skip(trainer):
+        n, done = self.every_n_epochs, trainer.current_epoch + 1
+        if done in self.snapshot_epochs and not (trainer.fast_dev_run or trainer.sanity_checking):
+            trainer.save_checkpoint(self.dirpath / f"epoch={done}.ckpt", weights_only=False)
+        if n and done % n == 0 and not self._skip(trainer):
             self.save(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -38,7 +38,7 @@ from latentlab.optim import build_optimizer
 from latentlab.posterior import SamplePosterior, moment_fit, reparameterized
 from latentlab.rng import SPLIT_IDS, Stream, keyed_generator
 from latentlab.samplers import LangevinSampler, sampler_preset
-from latentlab.samplers.blocks import backward_in_blocks, sample_in_blocks
+from latentlab.samplers.blocks import backward_in_blocks, resolve_workers, sample_in_blocks
 
 log = logging.getLogger("latentlab")
 CHAIN_INITS = ("auto", "prior", "encoder")
@@ -82,7 +82,8 @@ class ALMOND(LatentVariableModel):
     `sampler_seed` keys all of the method's noise (None: drawn once); `num_train` (N) is needed only outside a
     Trainer with a sized training set. `eval_chains`/`eval_langevin_steps`: fresh chains for other examples.
     `block_rows`: chains run and back-propagate in blocks of about this many rows (samplers/blocks.py; None: all;
-    "auto": BLOCK_ELEMENTS over the decoder's widest layer, so each block's widest activation stays in cache).
+    "auto": BLOCK_ELEMENTS over the decoder's widest layer, so each block's widest activation stays in cache);
+    `block_workers`: blocks run side by side on this many threads ("auto": torch's thread count on CPU, else 1).
     """
 
     method = "almond"
@@ -95,7 +96,8 @@ class ALMOND(LatentVariableModel):
                  chain_init: str = "auto", vae_epochs: int = 0, vae_optimizer: OptimizerFactory | None = None,
                  vae_num_samples: int = 1, mstep_warmup_epochs: int = 0, mstep_warmup_optimizer: OptimizerFactory | None = None,
                  eval_chains: int = 16, eval_langevin_steps: int = 50, sampler_seed: int | None = 0,
-                 num_train: int | None = None, min_log_var: float = -12.0, block_rows: int | str | None = "auto") -> None:
+                 num_train: int | None = None, min_log_var: float = -12.0, block_rows: int | str | None = "auto",
+                 block_workers: int | str = "auto") -> None:
         super().__init__(data_dim, latent_dim, image_shape, net, likelihood, optimizer, scheduler)
         self.sampler = sampler_preset(sampler or "ula") if isinstance(sampler, str) or sampler is None else sampler
         if not isinstance(self.sampler, LangevinSampler):
@@ -115,6 +117,10 @@ class ALMOND(LatentVariableModel):
             raise ConfigError(f"model.num_train must be >= 1 or null, got {num_train}")
         if block_rows not in (None, "auto") and (isinstance(block_rows, str) or int(block_rows) < 1):
             raise ConfigError(f"model.block_rows must be an integer >= 1, auto or null, got {block_rows!r}")
+        try:
+            resolve_workers(block_workers, torch.device("cpu"))
+        except ValueError as err:
+            raise ConfigError(f"model.{err}") from None
         self.n_chains, self.step_size_decay = int(n_chains), bool(step_size_decay)
         self.vae_epochs, self.vae_num_samples = int(vae_epochs), int(vae_num_samples)
         self.mstep_warmup_epochs = int(mstep_warmup_epochs)
@@ -133,6 +139,7 @@ class ALMOND(LatentVariableModel):
         widest = max([m.out_features for m in self.model.decoder.modules() if isinstance(m, torch.nn.Linear)] or [data_dim])
         self.block_rows = (None if block_rows is None else max(1, BLOCK_ELEMENTS // widest) if block_rows == "auto"
                            else int(block_rows))
+        self.block_workers = block_workers
         self.store: PersistentChains | None = None  # allocated at train start (or from a checkpoint)
         self.automatic_optimization = False  # up to three optimisers (warm-up, M-step warm-up, M-step), one per phase
         # `num_train` stays out of hparams: loggers merge them with the data module's, which has its own.
@@ -240,7 +247,8 @@ class ALMOND(LatentVariableModel):
         z0, fresh, step, count = self.store.read(index)
         z0 = torch.where(fresh[None, :, None], self.initial_states(x, self.n_chains, generator), z0)
         result = sample_in_blocks(self.sampler.sample, partial(self.model.log_joint, x), z0, self.block_rows, generator,
-                                  step_size=self.current_step_size() if step is None else step, step_count=count)
+                                  step_size=self.current_step_size() if step is None else step, step_count=count,
+                                  workers=self._workers(x))
         if not bool(torch.isfinite(result.z).all()):  # the one host sync of the E-step
             bad = int((~torch.isfinite(result.z).all(-1)).sum())
             raise NumericalError(
@@ -264,9 +272,14 @@ class ALMOND(LatentVariableModel):
     def _distributed(self) -> bool:
         return self._trainer is not None and self.trainer.world_size > 1
 
-    def _backward_rows(self) -> int | None:
-        """`block_rows` for back-propagation: one block under DDP, which reduces gradients on every backward."""
-        return None if self._distributed else self.block_rows
+    def _workers(self, x: Tensor) -> int:
+        return resolve_workers(self.block_workers, x.device)
+
+    def _backward_in_blocks(self, loss_of: Any, z: Tensor, extra: Tensor | None) -> Tensor:
+        """`backward_in_blocks` with Lightning's backward; one block under DDP, which reduces gradients on every
+        backward."""
+        return backward_in_blocks(loss_of, z, None if self._distributed else self.block_rows, self.manual_backward,
+                                  extra, params=self.parameters(), workers=self._workers(z))
 
     def _phase_optimizer(self) -> torch.optim.Optimizer:
         optimizers = self.optimizers()
@@ -286,8 +299,7 @@ class ALMOND(LatentVariableModel):
             assert self.encoder is not None
             z, kl = self.encoder.rsample(x, self.vae_num_samples, generator)
             n = z.shape[0] * x.shape[0]
-            nll = backward_in_blocks(lambda zb: -self.model.log_likelihood(x, zb).sum() / n, z, self._backward_rows(),
-                                     self.manual_backward, kl.mean())
+            nll = self._backward_in_blocks(lambda zb: -self.model.log_likelihood(x, zb).sum() / n, z, kl.mean())
             loss = nll + kl.mean().detach()
             logs.update(elbo=-loss, recon=-nll, kl=kl.mean().detach())
         else:
@@ -298,8 +310,7 @@ class ALMOND(LatentVariableModel):
                 # Langevin-phase optimiser), so give it an exact zero instead of an error.
                 zero = 0.0 * sum(p.sum() for p in self.encoder.parameters())
             share = 1.0 / z.shape[0]  # m_step_loss of a block of chains, weighted by its share of them
-            loss = backward_in_blocks(lambda zb: self.m_step_loss(x, zb) * (zb.shape[0] * share), z,
-                                      self._backward_rows(), self.manual_backward, zero)
+            loss = self._backward_in_blocks(lambda zb: self.m_step_loss(x, zb) * (zb.shape[0] * share), z, zero)
             logs["log_lik"] = -loss
         optimizer.step()
         self.log("train/phase", 0.0 if self.in_vae_phase else 1.0, prog_bar=True, batch_size=x.shape[0])  # a float: no sync
@@ -373,7 +384,7 @@ class ALMOND(LatentVariableModel):
         draws = [z]
         while sum(d.shape[0] for d in draws) < n:
             z = sample_in_blocks(self.sampler.sample, partial(self.model.log_joint, x), z, self.block_rows, generator,
-                                 step_size=self.current_step_size()).z
+                                 step_size=self.current_step_size(), workers=self._workers(x)).z
             draws.append(z)
         return torch.cat(draws)[:n]
 
@@ -386,7 +397,7 @@ class ALMOND(LatentVariableModel):
         if self.eval_langevin_steps == 0:
             return z
         z = sample_in_blocks(self.sampler.with_steps(self.eval_langevin_steps).sample, partial(self.model.log_joint, x),
-                             z, self.block_rows, generator, step_size=self.current_step_size()).z
+                             z, self.block_rows, generator, step_size=self.current_step_size(), workers=self._workers(x)).z
         if not bool(torch.isfinite(z).all()):
             raise NumericalError("ALMOND evaluation sampler produced non-finite chain states; lower sampler.step_size")
         return z

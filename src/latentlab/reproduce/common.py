@@ -23,31 +23,34 @@ def train_run(run_dir: Path, overrides: Sequence[str]) -> dict[str, Any]:
     return json.loads(metrics_file.read_text())
 
 
-def _train_one(job: tuple[Path, list[str]]) -> None:
-    """One run in a worker process, on one torch thread (the workers share the cores)."""
+def _train_one(run_dir: Path, overrides: list[str], threads: int) -> None:
+    """One run in a worker process on `threads` torch threads (ALMOND's block workers follow that count)."""
     import torch
 
-    torch.set_num_threads(1)
-    train_run(*job)
+    torch.set_num_threads(threads)
+    train_run(run_dir, overrides)
 
 
-def train_runs(jobs: Sequence[tuple[Path, list[str]]], workers: int | None = None) -> None:
+def train_runs(jobs: Sequence[tuple[Path, list[str]]], workers: int | None = None,
+               threads: Sequence[int] | None = None) -> None:
     """Train independent runs, `workers` at a time in separate processes (default: one per CPU core, at most one per
-    run), in the order given (put the longest first); one worker trains in this process. Each run is seeded by its
-    own overrides, so the results are the sequential ones."""
+    run), in the order given (put the longest first); `threads[i]` torch threads for job i (default 1: the workers
+    share the cores). One worker trains in this process. Each run is seeded by its own overrides, so the results
+    are the sequential ones."""
     import os
 
-    todo = [(Path(d), list(o)) for d, o in jobs if not (Path(d) / "metrics.json").exists()]
+    threads = list(threads) if threads is not None else [1] * len(jobs)
+    todo = [(Path(d), list(o), t) for (d, o), t in zip(jobs, threads, strict=True) if not (Path(d) / "metrics.json").exists()]
     workers = min(len(todo), workers or os.cpu_count() or 1)
     if workers <= 1:
-        for job in todo:
-            train_run(*job)
+        for run_dir, overrides, _ in todo:
+            train_run(run_dir, overrides)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for future in [pool.submit(_train_one, job) for job in todo]:
+        for future in [pool.submit(_train_one, *job) for job in todo]:
             future.result()  # re-raises a worker's error here
 
 
