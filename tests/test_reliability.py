@@ -208,6 +208,27 @@ def test_sigkill_during_a_save_and_at_random_points_then_resume_matches(tmp_path
         assert sorted(int(float(r["epoch"])) for r in csv.DictReader(fh) if r.get("val/nll")) == [0, 1, 2, 3]
 
 
+def test_epoch_checkpoints_wait_for_min_interval_s(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """min_interval_s=0 writes at every epoch's end; a long interval only at the end of training (the same state)."""
+    from latentlab.checkpointing import PeriodicCheckpoint
+
+    saves: list[int] = []
+    real = PeriodicCheckpoint.save
+
+    def counting(self: PeriodicCheckpoint, trainer: Any) -> None:
+        saves.append(trainer.global_step)
+        real(self, trainer)
+
+    monkeypatch.setattr(PeriodicCheckpoint, "save", counting)
+    run(tmp_path / "every", "trainer.max_epochs=3")  # SMALL sets min_interval_s=0
+    assert saves == [5, 10, 15]
+    saves.clear()
+    run(tmp_path / "rare", "trainer.max_epochs=3", "callbacks.model_checkpoint.min_interval_s=1e6")
+    assert saves == [15] and ckpt_step(tmp_path / "rare") == ckpt_step(tmp_path / "every") == 15
+    with pytest.raises(ConfigError, match="min_interval_s must be a number of seconds >= 0"):
+        run(tmp_path / "bad", "callbacks.model_checkpoint.min_interval_s=-1")
+
+
 def test_snapshot_epochs_keep_that_epochs_state_beside_last(tmp_path: Path) -> None:
     """snapshot_epochs=[1]: epoch=1.ckpt holds the state after epoch 1 (what a 1-epoch run ends with), last.ckpt
     the final one; a snapshot resumes like any checkpoint."""

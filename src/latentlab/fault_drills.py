@@ -16,7 +16,10 @@ from typing import NamedTuple
 
 QUIET = ["logger=none", "callbacks.progress_bar=null", "callbacks.model_summary=null", "callbacks.image_grid=null",
          "+trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
-SMALL = ["eval.nll.k=5", "eval.val_nll.k=5", "+trainer.limit_train_batches=5", "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2"]
+# the drills resume from epoch boundaries: a checkpoint at every one (the default skips those within 30 s of the last)
+EVERY_EPOCH = "callbacks.model_checkpoint.min_interval_s=0"
+SMALL = ["eval.nll.k=5", "eval.val_nll.k=5", "+trainer.limit_train_batches=5", "+trainer.limit_val_batches=2",
+         "+trainer.limit_test_batches=2", EVERY_EPOCH]
 # Each method at its smallest: ALMOND with 2 chains x 2 Langevin steps and no warm-up (chains from epoch 0).
 METHODS: dict[str, list[str]] = {
     "vae": ["model=vae"],
@@ -31,7 +34,7 @@ AVAILABLE = [m for m in METHODS if resources.files("latentlab.conf").joinpath("m
 
 KILL_RUN = ["trainer.max_epochs=4", "+trainer.limit_train_batches=10", "+trainer.limit_val_batches=2",
             "+trainer.limit_test_batches=2", "eval.nll.k=5", "eval.val_nll.k=5", "callbacks.image_grid.n=16", "callbacks.progress_bar=null",
-            "callbacks.model_summary=null", "+trainer.enable_progress_bar=false"]
+            "callbacks.model_summary=null", "+trainer.enable_progress_bar=false", EVERY_EPOCH]
 # Runs the CLI with torch.save replaced by one that writes half of the checkpoint and then SIGKILLs its own
 # process, on the n-th checkpoint save: a kill in the middle of writing last.ckpt.
 KILL_DURING_SAVE = """

@@ -1,4 +1,5 @@
-"""Optimisers from config partials, with the fast exact implementation chosen by default.
+"""Optimisers from config partials, with the fast exact implementation chosen by default (and ALMOND's M-step
+schedule, `inverse_sqrt_lr`).
 
 PyTorch's Adam/AdamW/SGD/Adagrad default to a per-parameter Python loop on CPU (`foreach` is only the
 default on CUDA). Their `fused=True` kernels do the same update in one pass over each parameter, on
@@ -13,10 +14,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from latentlab.errors import ConfigError
 
 #: devices whose fused optimiser kernels PyTorch ships
 FUSED_DEVICES = ("cpu", "cuda")
@@ -64,3 +69,11 @@ def lightning_optimizers(factory: Callable[..., torch.optim.Optimizer], schedule
     if scheduler_factory is None:
         return optimizer
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler_factory(optimizer), "interval": "epoch"}}
+
+
+def inverse_sqrt_lr(optimizer: torch.optim.Optimizer, warmup_epochs: int = 0) -> LambdaLR:
+    """lr_e = lr_0 for the first `warmup_epochs` epochs, then lr_0 / sqrt(e - warmup_epochs + 1):
+    the Robbins-Monro-type rate of the paper's M-step (its `fit_bc`). Stepped once per Langevin epoch."""
+    if warmup_epochs < 0:
+        raise ConfigError(f"inverse_sqrt_lr warmup_epochs must be >= 0, got {warmup_epochs}")
+    return LambdaLR(optimizer, lambda e: 1.0 if e < warmup_epochs else 1.0 / math.sqrt(e - warmup_epochs + 1.0))

@@ -27,14 +27,13 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
-from torch.optim.lr_scheduler import LambdaLR
 
 from latentlab.errors import CheckpointError, ConfigError, NumericalError
 from latentlab.models.base import LatentVariableModel, LikelihoodSpec, OptimizerFactory, SchedulerFactory, check_optimizer_factory
 from latentlab.models.chains import PersistentChains, first_occurrences
 from latentlab.nets import NetSpec
 from latentlab.nets.gaussian import GaussianEncoder, elbo_terms
-from latentlab.optim import build_optimizer
+from latentlab.optim import build_optimizer, inverse_sqrt_lr  # inverse_sqrt_lr: the configs' target here
 from latentlab.posterior import SamplePosterior, moment_fit, reparameterized
 from latentlab.rng import SPLIT_IDS, Stream, keyed_generator
 from latentlab.samplers import LangevinSampler, sampler_preset
@@ -54,14 +53,6 @@ def langevin_step_size(step_size: float, epoch: int, decay: bool = True) -> floa
     Decaying s shrinks ULA's O(s) bias as the parameters settle; the floor s/10 keeps the chains mixing.
     """
     return max(step_size / 10.0, step_size / math.sqrt(epoch + 1.0)) if decay else step_size
-
-
-def inverse_sqrt_lr(optimizer: torch.optim.Optimizer, warmup_epochs: int = 0) -> LambdaLR:
-    """lr_e = lr_0 for the first `warmup_epochs` epochs, then lr_0 / sqrt(e - warmup_epochs + 1):
-    the Robbins-Monro-type rate of the paper's M-step (its `fit_bc`). Stepped once per Langevin epoch."""
-    if warmup_epochs < 0:
-        raise ConfigError(f"inverse_sqrt_lr warmup_epochs must be >= 0, got {warmup_epochs}")
-    return LambdaLR(optimizer, lambda e: 1.0 if e < warmup_epochs else 1.0 / math.sqrt(e - warmup_epochs + 1.0))
 
 
 class ChainPosterior(SamplePosterior):
