@@ -7,7 +7,7 @@
 
 The model of issue 14: VAE 784-512-512-(2x32), Bernoulli decoder, MNIST 60k statically binarized at 0.5,
 batch 128, Adam 1e-3, no validation. latentlab runs as `latentlab-train` builds it, default callbacks
-included (progress bar, model summary, atomic checkpoint every epoch, RNG states, NaN guard, CSV logger),
+included (progress bar, model summary, atomic checkpoint at epoch ends 30 s apart, RNG states, NaN guard, CSV logger),
 one `fit` of all epochs. The hand-written loop is what a researcher writes: slices of the same tensor,
 `torch.optim.Adam(params, lr)` as PyTorch defaults it. pythae (optional, from its own interpreter, see
 `pythae_vae.py`) trains the same networks. The loops take turns epoch by epoch (hand, pythae, latentlab),
