@@ -24,6 +24,16 @@ def decoder() -> nn.Module:
     return nn.Sequential(nn.Linear(2, 16), nn.Softplus(), nn.Linear(16, 5))
 
 
+def gaussian_target():
+    """log N(x; net(z), I) + log N(z; 0, I) for 3 fixed examples: a per-chain target as the E-step's."""
+    net, x = decoder(), torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
+
+    def log_prob(z: torch.Tensor) -> torch.Tensor:
+        return -0.5 * (net(z) - x).square().sum(-1) - 0.5 * z.square().sum(-1)
+
+    return log_prob
+
+
 def test_chains_per_block_counts_rows_of_the_chains_dimension() -> None:
     z = torch.zeros(10, 7, 2)
     assert chains_per_block(z, None) == 10 and chains_per_block(z, 1000) == 10
@@ -33,11 +43,7 @@ def test_chains_per_block_counts_rows_of_the_chains_dimension() -> None:
 
 @pytest.mark.parametrize("sampler", [ULA(0.05, 6, burn_in=2), MALA(0.05, 6, adapt_window=4)])
 def test_a_blocked_call_is_the_sampler_on_each_block_in_turn(sampler) -> None:
-    net, x = decoder(), torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
-
-    def log_prob(z: torch.Tensor) -> torch.Tensor:
-        return -0.5 * (net(z) - x).square().sum(-1) - 0.5 * z.square().sum(-1)
-
+    log_prob = gaussian_target()
     z0 = torch.randn(7, 3, 2, generator=torch.Generator().manual_seed(2))
     step = torch.rand(7, 3, generator=torch.Generator().manual_seed(3)) * 0.05 + 0.01
     count = torch.arange(21).reshape(7, 3)
@@ -107,11 +113,7 @@ def test_auto_blocks_hold_a_fixed_number_of_activation_floats() -> None:
 @pytest.mark.parametrize("sampler", [ULA(0.05, 6, burn_in=2), MALA(0.05, 6, adapt_window=4)])
 def test_blocks_on_threads_give_the_chains_of_one_thread(sampler) -> None:
     """Each block's own generator, keyed from the caller's: the threads' order cannot change a draw."""
-    net, x = decoder(), torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
-
-    def log_prob(z: torch.Tensor) -> torch.Tensor:
-        return -0.5 * (net(z) - x).square().sum(-1) - 0.5 * z.square().sum(-1)
-
+    log_prob = gaussian_target()
     z0 = torch.randn(40, 3, 2, generator=torch.Generator().manual_seed(2))
 
     def run(workers: int):

@@ -8,8 +8,9 @@ are independent, so running the K moves block after block is the same Markov cha
 
 Blocks also run side by side: `workers` > 1 maps them over a pool of threads, each on one torch thread (torch
 releases the GIL inside its kernels). For a small decoder that is what a second core can add: its 4000 x 100
-matmuls hardly speed up with intra-op threads (1.1x on two), but two blocks at once run 1.9-2x faster. On CPU each
-block draws its noise from its own generator, keyed by one draw from the caller's, so a fixed-seed run gives the
+matmuls hardly speed up with intra-op threads (1.1x on two), but two blocks at once run 1.75x faster
+(benchmarks/normal_means_speed.py). On CPU each block draws its noise from its own generator, keyed by one draw
+from the caller's, so a fixed-seed run gives the
 same chains whatever the number of workers (though not the unblocked ones); on an accelerator, where workers is 1,
 the blocks share the caller's generator (no seed read back to the host).
 
