@@ -88,11 +88,19 @@ class PlainVAE(nn.Module):
 
 
 class HandLoop:
-    """The hand-written loop; `epoch()` trains one epoch and returns (wall s, cpu s, mean loss)."""
+    """The hand-written loop; `epoch()` trains one epoch and returns (wall s, cpu s, mean loss).
 
-    def __init__(self, x: torch.Tensor, device: torch.device, seed: int) -> None:
+    Given `like` (latentlab's VAE before training), it starts from the same weights, so the two runs differ
+    only in their shuffles and noise draws: their losses then differ by that noise alone, not also by the
+    init (tested: with the same init, order and noise, latentlab's training is this loop bit for bit).
+    """
+
+    def __init__(self, x: torch.Tensor, device: torch.device, seed: int, like: Any = None) -> None:
         torch.manual_seed(seed)
         self.x, self.model = x, PlainVAE().to(device)
+        if like is not None:
+            self.model.enc.load_state_dict(like.encoder.net.state_dict())
+            self.model.dec.load_state_dict(like.model.decoder.state_dict())
         self.opt = torch.optim.Adam(self.model.parameters(), lr=LR)
 
     def epoch(self) -> tuple[float, float, float]:
@@ -203,7 +211,7 @@ def run_variant(args: argparse.Namespace, extra: list[str], pythae: str | None) 
     model = build_model(cfg, dm)
     device = torch.device("cuda" if args.trainer == "gpu" else "cpu")
     x = dm.data("train").to(device)  # the very tensor latentlab trains on
-    others: dict[str, Any] = {"hand": HandLoop(x, device, args.seed)}
+    others: dict[str, Any] = {"hand": HandLoop(x, device, args.seed, like=model)}
     if pythae:
         others["pythae"] = Pythae(pythae, x, args.epochs, args, args.seed)
     turns = TakeTurns(others)
@@ -310,9 +318,12 @@ def main() -> None:
         args.seed = args.seeds[0]
         count_syncs(args, args.count_syncs)
         return
+    losses: dict[str, list[float]] = {}
     for seed in args.seeds:
         args.seed = seed
         times, model, hand, dm = run_variant(args, [], args.pythae_python)
+        for name, rows in times.items():
+            losses.setdefault(name, []).append(rows[-1][2])
         print_table(f"seed {seed}: latentlab-train defaults (goal: <= 1.05x hand, <= 0.87x pythae)", times)
         if args.nll_n:
             nll(args, model, hand, dm)
@@ -323,6 +334,18 @@ def main() -> None:
                 rows["hand"] += variant["hand"]
                 rows[f"latentlab {name}"] = variant["latentlab"]
             print_table(f"seed {seed}: breakdown (each variant drops one default; hand = all interleaved hand epochs)", rows)
+    print_losses(losses, args.epochs)
+
+
+def print_losses(losses: dict[str, list[float]], epochs: int) -> None:
+    """Last-epoch mean training loss over seeds, and latentlab's paired difference to the hand loop (same init)."""
+    def mean_sd(v: list[float]) -> str:
+        return f"{statistics.mean(v):.2f}" + (f" +- {statistics.stdev(v):.2f}" if len(v) > 1 else "")
+    diff = [a - b for a, b in zip(losses["latentlab"], losses["hand"])]
+    se = f" +- {statistics.stdev(diff) / math.sqrt(len(diff)):.2f} (SE)" if len(diff) > 1 else ""
+    print(f"\nepoch-{epochs} training loss over {len(diff)} seed(s), mean +- sd: "
+          + ", ".join(f"{name} {mean_sd(v)}" for name, v in losses.items())
+          + f"; latentlab - hand {statistics.mean(diff):+.2f}{se}")
 
 
 def lab_gaussian(model: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

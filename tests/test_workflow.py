@@ -155,6 +155,37 @@ class Probe(L.Callback):
         Probe.seen.append(dict(bar.get_metrics(trainer, pl_module)))
 
 
+class BarProbe(L.Callback):
+    """Records, at each epoch's end, what the progress bar's metrics column shows and what it would show now."""
+
+    shown: ClassVar[list[tuple[Any, Any]]] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        bar = trainer.progress_bar_callback
+        BarProbe.shown.append((bar._metric_component._metrics.get("train/loss"),
+                               bar.get_metrics(trainer, pl_module).get("train/loss")))
+
+
+def test_progress_bar_refreshes_its_metrics_sparingly_but_shows_each_epochs_last(tmp_path: Path, monkeypatch) -> None:
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    refreshes: list[int] = []
+    original = RichProgressBar._update_metrics
+    monkeypatch.setattr(RichProgressBar, "_update_metrics", lambda self, *a: (refreshes.append(1), original(self, *a))[1])
+    counts = {}
+    for interval in (0, 1e9):
+        BarProbe.shown, refreshes[:] = [], []
+        api.train(["trainer.max_epochs=2", "+trainer.limit_train_batches=6", "trainer.log_every_n_steps=1", "test=false",
+                   "data.val_size=0", "logger=none", "callbacks.image_grid=null",
+                   f"callbacks.progress_bar.metrics_interval_s={interval}",
+                   "+callbacks.bar_probe._target_=test_workflow.BarProbe"], run_dir=tmp_path / f"run{interval}")
+        assert len(BarProbe.shown) == 2 and all(shown == now and shown is not None for shown, now in BarProbe.shown)
+        counts[interval] = len(refreshes)
+    # 12 batches: every batch refreshes at interval 0; with a long one only the first batch (nothing shown yet) and
+    # each epoch's last do (the epoch-end hooks refresh in both runs)
+    assert counts[0] - counts[1e9] == 12 - 3
+
+
 def offline_run_dir(run_dir: Path) -> Path:
     (found,) = (run_dir / "wandb").glob("offline-run-*")
     return found

@@ -24,6 +24,7 @@ Everything is written by rank 0 only and works with W&B offline (`wandb sync <ru
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,30 @@ def method_plan(pl_module: Any, max_epochs: int | None = None) -> str:
 class MethodProgressBar(RichProgressBar):
     """Rich progress bar that also shows the method, for multi-phase methods the phase in words (instead
     of ALMOND's numeric `train/phase`) and the latest validation NLL; log messages written while it is
-    live (e.g. ALMOND's "starts the Langevin phase") print above it, not into it."""
+    live (e.g. ALMOND's "starts the Langevin phase") print above it, not into it.
+
+    Within an epoch the metrics column is refreshed at most every `metrics_interval_s` (and at its last
+    batch): Lightning gathers the metrics after every batch, 0.25 ms a step, 1.5% of an MNIST VAE step,
+    for a column nobody reads 50 times a second. The bar itself still advances every batch.
+    """
+
+    def __init__(self, *args: Any, metrics_interval_s: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.metrics_interval_s = float(metrics_interval_s)
+        self._metrics_time = -float("inf")
+        self._skip_metrics = False
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        last = batch_idx + 1 >= (trainer.num_training_batches or 0)
+        self._skip_metrics = not last and time.monotonic() - self._metrics_time < self.metrics_interval_s
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._skip_metrics = False
+
+    def _update_metrics(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if self._skip_metrics:
+            return
+        self._metrics_time = time.monotonic()
+        super()._update_metrics(trainer, pl_module)
 
     def get_metrics(self, trainer: L.Trainer, pl_module: Any) -> dict[str, int | str | float | dict[str, float]]:
         items = dict(super().get_metrics(trainer, pl_module))
