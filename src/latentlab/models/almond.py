@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from functools import partial
 from typing import Any, Mapping, Sequence
 
@@ -312,10 +313,15 @@ class ALMOND(LatentVariableModel):
         return loss.detach()
 
     def on_train_epoch_end(self) -> None:
-        """Step the M-step schedule once per Langevin-phase epoch (manual optimisation steps nothing itself)."""
+        """Step the M-step schedule once per Langevin-phase epoch (manual optimisation steps nothing itself).
+
+        It counts Langevin epochs, also those the M-step warm-up optimiser runs while the scheduled one rests,
+        so PyTorch's "`lr_scheduler.step()` before `optimizer.step()`" warning is expected there and silenced."""
         scheduler = self.lr_schedulers()
         if scheduler is not None and self.current_epoch >= self.vae_epochs:
-            scheduler.step()  # type: ignore[union-attr]
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                scheduler.step()  # type: ignore[union-attr]
 
     def configure_optimizers(self) -> Any:
         """M-step optimiser over the generative model, then (if used) its warm-up one and the VAE warm-up's."""
