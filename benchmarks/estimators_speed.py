@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from latentlab.builders import build_datamodule, build_model, compose_config, resolve_paths
-from latentlab.estimators import NLLSettings
+from latentlab.estimators import AnnealedImportanceSampling, NLLSettings, diagonal_gaussian, estimate_log_px
 
 
 def linears(module: nn.Module) -> list[nn.Linear]:
@@ -75,8 +75,6 @@ def lab_is(model: Any, x: torch.Tensor, k: int, chunk: int, generator: torch.Gen
     """latentlab's log p(x) protocol with importance sampling (what `test/nll` runs). `inflation` 1: from q alone,
     the hand-written estimator's proposal; the `standard` preset's 6: the defensive mixture 1/2 q + 1/2 q(std x 6),
     a different estimator that draws and scores twice per sample."""
-    from latentlab.estimators import estimate_log_px
-
     settings = dataclasses.replace(NLLSettings.preset("standard"), estimator="is", k=k, chunk_size=chunk,
                                    is_inflation=inflation)
     return estimate_log_px(model.model, x, model.posterior(x), settings, generator).log_px
@@ -135,8 +133,6 @@ def pythae_nll(args: argparse.Namespace, x: torch.Tensor) -> float:
 
 
 def bench_ais(args: argparse.Namespace, model: Any, x_test: torch.Tensor) -> None:
-    from latentlab.estimators import AnnealedImportanceSampling, diagonal_gaussian
-
     x = x_test[: args.ais_n]
     log_joint = model.model.log_joint
     with torch.no_grad():

@@ -171,7 +171,12 @@ def test_progress_bar_refreshes_its_metrics_sparingly_but_shows_each_epochs_last
 
     refreshes: list[int] = []
     original = RichProgressBar._update_metrics
-    monkeypatch.setattr(RichProgressBar, "_update_metrics", lambda self, *a: (refreshes.append(1), original(self, *a))[1])
+
+    def counted(self: RichProgressBar, *args: Any) -> None:
+        refreshes.append(1)
+        original(self, *args)
+
+    monkeypatch.setattr(RichProgressBar, "_update_metrics", counted)
     counts = {}
     for interval in (0, 1e9):
         BarProbe.shown, refreshes[:] = [], []
