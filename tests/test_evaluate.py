@@ -90,6 +90,16 @@ def test_multirun_eval_of_two_checkpoints_with_every_analysis(tmp_path: Path) ->
     rows = [line for line in table.splitlines() if line.startswith("| 0 |") or line.startswith("| 1 |")]
     assert len(rows) == 2 and "0/checkpoints/last.ckpt" in rows[0] and "1/checkpoints/last.ckpt" in rows[1]
     assert set(json.loads((sweep / "comparison.json").read_text())) == {"0", "1"}
+    # each analysis draws from its own stream: without BDMC, gaps and pictures the sample-quality numbers are the same
+    alone = tmp_path / "alone"
+    proc = run("latentlab.evaluate", f"ckpt_path={ckpts[0]}", f"hydra.run.dir={alone}", "logger=none", *EVAL_SMALL,
+               "eval.bdmc=0", "eval.gaps=0", "eval.posterior_plots=0", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    together = json.loads((sweep / "0" / "metrics.json").read_text())
+    by_itself = json.loads((alone / "metrics.json").read_text())
+    assert "test/bdmc_gap" not in by_itself
+    for key in ("test/fid", "test/kid_mean", "test/is_mean", "test/precision", "test/recall"):
+        assert by_itself[key] == together[key], key
 
 
 @pytest.mark.parametrize("method", ["almond", "avb"])

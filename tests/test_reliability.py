@@ -335,6 +335,35 @@ def test_gradient_clipping_switch_clips_every_optimiser(tmp_path: Path) -> None:
         assert probe.norms and max(probe.norms) <= 0.01 * (1 + 1e-5), (method, probe.norms)
 
 
+@pytest.mark.parametrize("entries,stops", [
+    ({"decoder": [float("nan")]}, True),
+    ({"encoder": [float("inf")], "decoder": [-float("inf")]}, True),  # inf - inf: the sum is NaN, still caught
+    ({"encoder": [3e38, 3e38], "decoder": [3e38]}, False),  # finite gradients whose sum and norm overflow float32
+])
+def test_gradient_check_stops_on_any_nan_or_inf_entry_and_only_then(entries: dict[str, list[float]], stops: bool) -> None:
+    """The guard checks gradients through their sum (one read): NaN and inf survive any sum, and a finite sum that
+    overflows is rechecked entry by entry, so it stops exactly when an entry is non-finite, naming its component."""
+    from types import SimpleNamespace
+
+    from latentlab.callbacks.faults import ComponentMap
+
+    module = torch.nn.ModuleDict({"encoder": torch.nn.Linear(30, 20), "decoder": torch.nn.Linear(20, 30)})
+    for p in module.parameters():
+        p.grad = torch.zeros_like(p)
+    for name, values in entries.items():
+        module[name].weight.grad.view(-1)[:len(values)] = torch.tensor(values)
+    guard = NumericalGuard()
+    guard._map = ComponentMap(module)
+    progress = SimpleNamespace(batch_progress=SimpleNamespace(current=SimpleNamespace(ready=4)))
+    trainer = SimpleNamespace(global_step=3, current_epoch=0, fit_loop=SimpleNamespace(epoch_loop=progress))
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    if not stops:
+        guard.on_before_optimizer_step(trainer, module, optimizer)  # type: ignore[arg-type]
+        return
+    with pytest.raises(NumericalError, match="non-finite gradient at training step 3.*component " + ", ".join(entries)):
+        guard.on_before_optimizer_step(trainer, module, optimizer)  # type: ignore[arg-type]
+
+
 def test_checkpoint_writer_is_atomic_and_refuses_non_finite_values(tmp_path: Path) -> None:
     io = AtomicCheckpointIO()
     path = tmp_path / "checkpoints" / "last.ckpt"

@@ -61,6 +61,7 @@ from latentlab.metrics.posterior import (
 )
 from latentlab.models.base import LatentVariableModel
 from latentlab.progress import progress
+from latentlab.rng import Stream, keyed_generator
 
 log = logging.getLogger("latentlab")
 #: Data-module arguments that give the canonical labelled splits a dataset's classifier is trained on.
@@ -243,7 +244,11 @@ def run_analyses(model: LatentVariableModel, datamodule: L.LightningDataModule, 
     metrics: dict[str, float] = {}
     images: dict[str, Path] = {}
     seed = int(cfg.seed) if cfg.get("seed") is not None else 0
-    generator = torch.Generator(device).manual_seed(seed)
+
+    def stream(analysis: int) -> torch.Generator:
+        """Each analysis its own keyed stream: switching one on or off leaves the others' draws (and numbers) as they were."""
+        return keyed_generator(seed, Stream.EVAL_ANALYSIS, analysis, device=device)
+
     if not isinstance(model, LatentVariableModel):  # a denoiser: no latent, no bound; its samples are judged
         plan = dataclasses.replace(plan, bdmc=0, gaps=0, posterior_plots=0)
     else:
@@ -252,15 +257,15 @@ def run_analyses(model: LatentVariableModel, datamodule: L.LightningDataModule, 
     def timed(what: str, start: float) -> None:
         log.info("%s done in %.1f s", what, time.perf_counter() - start)
 
-    images["samples"] = _sample_grid(model, out / "samples.png", generator)
+    images["samples"] = _sample_grid(model, out / "samples.png", stream(0))
     if plan.bdmc:
         t0 = time.perf_counter()
-        metrics.update(bdmc_metrics(model, plan.bdmc, ais_from_settings(nll, n_chains=1), plan.batch_size, generator, nll))
+        metrics.update(bdmc_metrics(model, plan.bdmc, ais_from_settings(nll, n_chains=1), plan.batch_size, stream(1), nll))
         timed(f"BDMC on {plan.bdmc} simulated examples", t0)
     if plan.gaps:
         t0 = time.perf_counter()
         batches = first_test_batches(datamodule, plan.gaps, plan.batch_size, device)
-        gaps = inference_gap_metrics(model, batches, plan.gap, nll, generator, total=plan.gaps)
+        gaps = inference_gap_metrics(model, batches, plan.gap, nll, stream(2), total=plan.gaps)
         if gaps is None:
             log.info("note: %s's posterior has no bound of its own: inference gap skipped", model.method)
         else:
@@ -273,14 +278,14 @@ def run_analyses(model: LatentVariableModel, datamodule: L.LightningDataModule, 
         if model.latent_dim == 2:
             x, index = next(first_test_batches(datamodule, plan.posterior_plots, plan.posterior_plots, device))
             pictures = posterior_pictures(model, x, index, plan.posterior_draws, plan.grid_limit, plan.grid_resolution,
-                                          generator)
+                                          stream(3))
             images["posteriors"] = plot_posterior_pictures(out / "posteriors.png", pictures, x, model.image_shape,
                                                            title=f"{model.method}: exact vs method posterior")
         else:
             log.info("note: posterior pictures need a 2-d latent (this model has %d): skipped", model.latent_dim)
     if plan.samples:
         t0 = time.perf_counter()
-        quality = sample_quality_metrics(model, run_cfg.data, cfg.eval.quality, plan.samples, generator)
+        quality = sample_quality_metrics(model, run_cfg.data, cfg.eval.quality, plan.samples, stream(4))
         if quality is not None:
             metrics.update(quality)
             timed(f"sample quality of {plan.samples} samples", t0)
@@ -288,6 +293,7 @@ def run_analyses(model: LatentVariableModel, datamodule: L.LightningDataModule, 
         if quality is not None and isinstance(model, LatentVariableModel) and prior_file.is_file():
             t0 = time.perf_counter()  # the same metrics through the fitted latent prior (latentlab-sample task=fit_prior)
             prior = latent_prior.load(prior_file).to(device)
+            generator = stream(5)
             learned = sample_quality_metrics(model, run_cfg.data, cfg.eval.quality, plan.samples, generator,
                                              lambda m: latent_prior.sample_latent_prior(model, prior, m, generator))
             metrics.update({f"latent_prior_{k}": v for k, v in (learned or {}).items() if k != "classifier_acc"})

@@ -29,6 +29,7 @@ class Stream(enum.IntEnum):
     LANGEVIN_TRAIN = 7  # ALMOND: E-step noise, chain initialisation, warm-up reparameterisation
     LANGEVIN_EVAL = 8  # ALMOND: fresh chains of examples without persistent ones
     WARMUP_ELBO = 9  # ALMOND: the warm-up encoder's validation ELBO
+    EVAL_ANALYSIS = 10  # latentlab-eval: one stream per analysis (samples grid, BDMC, gaps, pictures, quality)
 
 
 def keyed_generator(*keys: int, device: torch.device | str | None = None) -> torch.Generator:
