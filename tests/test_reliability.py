@@ -364,6 +364,68 @@ def test_gradient_check_stops_on_any_nan_or_inf_entry_and_only_then(entries: dic
         guard.on_before_optimizer_step(trainer, module, optimizer)  # type: ignore[arg-type]
 
 
+DEFERRED_CASES = [  # method, component, kind, step of injection, expected; checkpoints every 2 (AVB: 4) steps
+    ("vae", "decoder", "grad", 7, r"non-finite gradient at training step 7 of vae; component decoder \(found at training step 8 "),
+    ("vae", "encoder", "param", 7, r"non-finite loss at training step 7 of vae \(found at training step 8 "),
+    ("avb", "encoder", "grad", 14, r"non-finite gradient at training step 14 of avb; component encoder \(found at training step 16 "),
+]
+
+
+@pytest.mark.parametrize("method,component,kind,step,message", [c for c in DEFERRED_CASES if c[0] in AVAILABLE])
+def test_deferred_checks_name_the_step_the_fault_came_in_and_keep_the_checkpoint_before_it(
+        tmp_path: Path, method: str, component: str, kind: str, step: int, message: str) -> None:
+    """check_every_n_steps=4 (accelerators get log_every_n_steps): the flags stay on the device, read every 4 batches
+    and before each save, so the run stops at the next save or read, naming the step the fault came in at and the
+    component, with last.ckpt at the save before that step."""
+    every = 4 if method == "avb" else 2
+    with pytest.raises(NumericalError) as info:
+        run(tmp_path, *METHODS[method], "trainer.max_epochs=3", f"callbacks.model_checkpoint.every_n_train_steps={every}",
+            "callbacks.numerics.check_every_n_steps=4", *inject(component, step, kind))
+    text = str(info.value)
+    assert __import__("re").search(message, text), text
+    kept = ckpt_step(tmp_path)
+    assert kept == (step // every) * every, text
+    assert f"Last good checkpoint: {tmp_path / 'checkpoints' / 'last.ckpt'} (epoch 1, step {kept}), kept unchanged" in text
+
+
+def test_deferred_checks_read_nothing_back_until_their_turn() -> None:
+    """Deferred, the per-step loss and gradient checks make no host read (`aten::_local_scalar_dense`: a sync on a GPU,
+    where auto defers them); the read at the epoch's end then names the first bad step and its component. At every
+    step (CPU's default) each check reads once."""
+    from types import SimpleNamespace
+
+    from torch.profiler import profile
+
+    module = torch.nn.ModuleDict({"encoder": torch.nn.Linear(30, 20), "decoder": torch.nn.Linear(20, 30)})
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    progress = SimpleNamespace(batch_progress=SimpleNamespace(current=SimpleNamespace(ready=4)))
+    trainer = SimpleNamespace(global_step=3, current_epoch=0, world_size=1, fit_loop=SimpleNamespace(epoch_loop=progress))
+
+    def reads(guard: NumericalGuard, poison: bool) -> int:
+        loss = module["decoder"](module["encoder"](torch.randn(5, 30))).sum()
+        with profile() as prof:
+            guard.on_before_backward(trainer, module, loss)  # type: ignore[arg-type]
+            loss.backward()
+            if poison:
+                module["decoder"].bias.grad[0] = float("inf")
+            guard.on_before_optimizer_step(trainer, module, optimizer)  # type: ignore[arg-type]
+        optimizer.zero_grad()
+        return sum(event.name == "aten::_local_scalar_dense" for event in prof.events())
+
+    for every, expected in ((4, 0), (1, 2)):
+        guard = NumericalGuard(check_every_n_steps=every)
+        guard.on_fit_start(trainer, module)  # type: ignore[arg-type]
+        assert reads(guard, poison=False) == expected, every
+    guard = NumericalGuard(check_every_n_steps=4)
+    guard.on_fit_start(trainer, module)  # type: ignore[arg-type]
+    for step, poison in ((3, False), (4, True), (5, False)):  # an inf gradient at step 4, then finite ones
+        trainer.global_step = step
+        assert reads(guard, poison) == 0
+    with pytest.raises(NumericalError, match=r"non-finite gradient at training step 4 of ModuleDict; component decoder "
+                                             r"\(found at training step 5 .* every 4 batches on cpu"):
+        guard.on_train_epoch_end(trainer, module)  # type: ignore[arg-type]
+
+
 def test_checkpoint_writer_is_atomic_and_refuses_non_finite_values(tmp_path: Path) -> None:
     io = AtomicCheckpointIO()
     path = tmp_path / "checkpoints" / "last.ckpt"

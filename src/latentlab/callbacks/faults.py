@@ -6,10 +6,16 @@ automatic and manual optimisation (AVB's two players, ALMOND's two phases):
 - the loss, before each backward (`on_before_backward`): a non-finite loss is blamed on the component
   whose parameters are non-finite, else on the first component whose output became non-finite in
   this step (cheap forward hooks that flag without a device sync), else on the objective itself;
-- the gradients, before each optimiser step (`on_before_optimizer_step`): one fused norm per
-  optimiser, and only on failure a per-parameter look to name the components;
+- the gradients, before each optimiser step (`on_before_optimizer_step`): one sum per gradient
+  (NaN and inf survive a sum), and only on failure a per-parameter look to name the components;
 - optional gradient clipping (`gradient_clip_val`, by norm or value) at that same point, per
   optimiser, which unlike `Trainer(gradient_clip_val=...)` also works with manual optimisation.
+
+Reading a check's result is a host sync on an accelerator, where it would stall every step. So with
+`check_every_n_steps` > 1 (`auto`: `trainer.log_every_n_steps` off the CPU, 1 on it, where a read is free) the
+checks only record on the device the first step with a non-finite value, its kind and the components whose
+gradients it reached; the flags are read every N batches, at each epoch's end and before each save. The run
+then stops up to N - 1 batches later, naming the step the fault came in at, with no checkpoint written past it.
 
 The checkpoint writer (`latentlab.checkpointing.AtomicCheckpointIO`) refuses non-finite checkpoints,
 so the last good `last.ckpt` stays; ALMOND's Langevin states are checked by ALMOND itself (its
@@ -33,6 +39,7 @@ from latentlab.errors import ConfigError, NumericalError
 from latentlab.models.base import LatentVariableModel
 
 CLIP_ALGORITHMS = ("norm", "value")
+LOSS, GRADIENT = 0, 1  # kinds of a deferred finding
 
 
 def model_components(pl_module: nn.Module) -> dict[str, nn.Module]:
@@ -93,7 +100,17 @@ def _sum_of(grads: list[Tensor]) -> Tensor:
     """The sum of every gradient entry, in float32 or wider: non-finite if (not only if) some entry is NaN or inf,
     since NaN and inf survive any sum. One read of the gradients, about half the cost of their norm (0.1 against
     0.2-0.3 ms a step for the 1.4M of the MNIST VAE); a finite sum that overflows is checked entry by entry."""
-    return torch.stack([g.sum(dtype=torch.promote_types(g.dtype, torch.float32)).float() for g in grads]).sum()
+    device = grads[0].device
+    return torch.stack([g.sum(dtype=torch.promote_types(g.dtype, torch.float32)).float().to(device) for g in grads]).sum()
+
+
+def _entry_bounds(grads: list[Tensor]) -> Tensor:
+    """(len(grads),): finite exactly when every entry of that gradient is, without a host read: the largest |entry|
+    (one fused kernel on accelerators; a max never overflows), on CPU a float64 sum (faster there, and beyond the
+    reach of float32 gradients' overflow)."""
+    if grads[0].device.type != "cpu":
+        return torch.stack(torch._foreach_norm(grads, math.inf))
+    return torch.stack([g.sum(dtype=torch.float64) for g in grads])
 
 
 def _where(trainer: L.Trainer) -> str:
@@ -106,7 +123,11 @@ class NumericalGuard(L.Callback):
     optionally clip gradients. See the module docstring."""
 
     def __init__(self, check_loss: bool = True, check_grads: bool = True, locate: bool = False,
-                 gradient_clip_val: float | None = None, gradient_clip_algorithm: str = "norm") -> None:
+                 gradient_clip_val: float | None = None, gradient_clip_algorithm: str = "norm",
+                 check_every_n_steps: int | str = "auto") -> None:
+        if check_every_n_steps != "auto" and (isinstance(check_every_n_steps, bool) or not isinstance(check_every_n_steps, int)
+                                              or check_every_n_steps < 1):
+            raise ConfigError(f"callbacks.numerics.check_every_n_steps must be an integer >= 1 or auto, got {check_every_n_steps!r}")
         if gradient_clip_val is not None and (isinstance(gradient_clip_val, bool) or not float(gradient_clip_val) > 0):
             raise ConfigError(f"callbacks.numerics.gradient_clip_val must be > 0 or null (no clipping), got {gradient_clip_val!r}")
         if gradient_clip_algorithm not in CLIP_ALGORITHMS:
@@ -118,10 +139,19 @@ class NumericalGuard(L.Callback):
         self._map: ComponentMap | None = None
         self._hooks: list[Any] = []
         self._flags: list[tuple[str, Tensor]] = []  # (component, "output not finite") per forward call this step
+        self.check_every_n_steps = check_every_n_steps
+        self._every = 1  # resolved at fit start
+        self._batches = 0
+        # deferred checks: the first non-finite value's training step (-1: none yet), kind and components, on the device
+        self._bad: tuple[Tensor, Tensor, Tensor] | None = None
+        self._part_index: dict[int, Tensor] = {}  # optimiser -> component index of each of its parameters
 
     # ----- set-up -----------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._map = ComponentMap(pl_module)
+        self._every = self.check_every_n_steps if isinstance(self.check_every_n_steps, int) else (
+            1 if pl_module.device.type == "cpu" else max(1, int(trainer.log_every_n_steps)))
+        self._batches, self._bad, self._part_index = 0, None, {}
         if self.locate:
             for name, module in self._map.parts.items():
                 self._hooks.append(module.register_forward_hook(self._flagger(name)))
@@ -169,6 +199,9 @@ class NumericalGuard(L.Callback):
         if not self.check_loss:
             return
         finite = torch.isfinite(loss.detach()).all()
+        if self._every > 1:
+            self._record(~finite, trainer.global_step, LOSS)
+            return
         bad_ranks: list[int] = []
         if trainer.world_size > 1:
             # every rank must stop at this same step: a rank that raised alone would leave the others
@@ -195,13 +228,84 @@ class NumericalGuard(L.Callback):
         grads = [p.grad for p in params]
         clip_norm = self.gradient_clip_val is not None and self.gradient_clip_algorithm == "norm"
         norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0) if clip_norm else None
-        if self.check_grads and not math.isfinite(float(norm if norm is not None else _sum_of(grads))):
+        if self.check_grads and self._every > 1:
+            self._record_gradients(trainer, optimizer, params, grads)
+        elif self.check_grads and not math.isfinite(float(norm if norm is not None else _sum_of(grads))):
             self._raise_on_gradients(trainer, pl_module, params)
         if self.gradient_clip_val is not None:
             if self.gradient_clip_algorithm == "norm":
                 torch.nn.utils.clip_grads_with_norm_(params, self.gradient_clip_val, norm)  # type: ignore[arg-type]
             else:
                 torch.nn.utils.clip_grad_value_(params, self.gradient_clip_val)
+
+    # ----- deferred checks (accelerators): flags kept on the device, read every `_every` batches --------------
+    def _record(self, bad: Tensor, step: int, kind: int, parts: Tensor | None = None) -> None:
+        """Remember the first step whose value is non-finite, without reading anything back to the host."""
+        assert self._map is not None
+        if self._bad is None:
+            self._bad = (torch.full((), -1, dtype=torch.long, device=bad.device), torch.zeros((), dtype=torch.long, device=bad.device),
+                         torch.zeros(len(self._map.parts) + 1, dtype=torch.bool, device=bad.device))
+        first, what, where = self._bad
+        new = bad & (first < 0)
+        self._bad = (torch.where(new, step, first), torch.where(new, kind, what),
+                     where if parts is None else torch.where(new, parts, where))
+
+    def _record_gradients(self, trainer: L.Trainer, optimizer: torch.optim.Optimizer, params: list[Tensor],
+                          grads: list[Tensor]) -> None:
+        """Per component (the last slot: parameters outside every component), whether a gradient entry is non-finite."""
+        assert self._map is not None
+        names = list(self._map.parts)
+        index = self._part_index.get(id(optimizer))
+        if index is None or index.numel() != len(params):
+            slots = [names.index(c) if c in names else len(names) for c in map(self._map.of, params)]
+            index = self._part_index[id(optimizer)] = torch.tensor(slots, device=grads[0].device)
+        bad = ~torch.isfinite(_entry_bounds(grads))
+        parts = torch.zeros(len(names) + 1, dtype=torch.long, device=bad.device).index_add_(0, index, bad.long()) > 0
+        self._record(parts.any(), trainer.global_step, GRADIENT, parts)
+
+    def _check(self, trainer: L.Trainer, pl_module: L.LightningModule, collective: bool = True) -> None:
+        """Read the deferred flags (one sync; under DDP one all-gather, so that every rank stops together)."""
+        if self._every == 1 or self._bad is None:
+            return
+        first = self._bad[0]
+        if trainer.world_size > 1:
+            if not collective:
+                return
+            steps = trainer.strategy.all_gather(first).reshape(-1).tolist()
+        else:
+            steps = [int(first)]
+        if max(steps) < 0:
+            return
+        method = getattr(pl_module, "method", type(pl_module).__name__)
+        rank = trainer.global_rank if trainer.world_size > 1 else 0
+        step = steps[rank]
+        found = (f"found at {_where(trainer)}: the guard reads its flags every {self._every} batches on "
+                 f"{first.device.type}; callbacks.numerics.check_every_n_steps=1 stops at the step itself")
+        if step < 0:
+            bad_ranks = [r for r, s in enumerate(steps) if s >= 0]
+            message = f"non-finite value on rank {', '.join(map(str, bad_ranks))} of {trainer.world_size} ({found})"
+        elif int(self._bad[1]) == LOSS:
+            message = f"non-finite loss at training step {step} of {method} ({found} and names the component)"
+        else:
+            names = [*self._map.parts, "other parameters"] if self._map is not None else []
+            parts = [n for n, flag in zip(names, self._bad[2].tolist(), strict=True) if flag]
+            message = (f"non-finite gradient at training step {step} of {method}; component {', '.join(parts)} ({found}); "
+                       "lower the learning rate or clip gradients with callbacks.numerics.gradient_clip_val")
+        exc = NumericalError(message)
+        exc.diagnosed = True  # type: ignore[attr-defined]
+        raise exc
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._batches += 1
+        if self._batches % self._every == 0:
+            self._check(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._check(trainer, pl_module, collective=False)  # this process's flags: a save need not run on every rank
 
     def _raise_on_gradients(self, trainer: L.Trainer, pl_module: L.LightningModule, params: list[Tensor]) -> None:
         assert self._map is not None

@@ -11,7 +11,7 @@ The model is latentlab's one `GenerativeModel`: x | z ~ f_theta(x | h_eta(z)), z
      `mstep_warmup_epochs` use `mstep_warmup_optimizer` (the paper: Adam), then `optimizer` with `scheduler`
      (the paper: SGD at lr / sqrt(e - warmup + 1), `inverse_sqrt_lr`).
 
-`posterior(x, index)`: the persistent chains of training examples; fresh chains for anything else (started at
+`posterior(x, index)` (models/almond_posterior.py): the persistent chains of training examples; fresh chains for anything else (started at
 the warm-up encoder or the prior, `eval_langevin_steps` moves). No density: the evaluator runs IS from a
 kernel mixture of its draws (<= 2-d) or AIS from a Gaussian fitted to them, and its bound is that Gaussian's
 ELBO. All noise comes from `latentlab.rng` streams keyed on (seed, purpose, rank, epoch, batch): a resumed run
@@ -31,12 +31,13 @@ from torch import Tensor
 
 from latentlab.errors import CheckpointError, ConfigError, NumericalError
 from latentlab.models.base import LatentVariableModel, LikelihoodSpec, OptimizerFactory, SchedulerFactory, check_optimizer_factory
+from latentlab.models.almond_posterior import ChainsPosterior
 from latentlab.models.chains import PersistentChains, first_occurrences
 from latentlab.nets import NetSpec
 from latentlab.nets.gaussian import GaussianEncoder, elbo_terms
 from latentlab.optim import build_optimizer, inverse_sqrt_lr  # inverse_sqrt_lr: the configs' target here
-from latentlab.posterior import SamplePosterior, moment_fit, reparameterized
-from latentlab.rng import SPLIT_IDS, Stream, keyed_generator
+from latentlab.posterior import reparameterized
+from latentlab.rng import Stream, keyed_generator
 from latentlab.samplers import LangevinSampler, sampler_preset
 from latentlab.samplers.blocks import backward_in_blocks, resolve_workers, sample_in_blocks
 
@@ -56,15 +57,7 @@ def langevin_step_size(step_size: float, epoch: int, decay: bool = True) -> floa
     return max(step_size / 10.0, step_size / math.sqrt(epoch + 1.0)) if decay else step_size
 
 
-class ChainPosterior(SamplePosterior):
-    """The persistent chains of training examples: their moment fit is the chains' own (the paper's summary,
-    e.g. its latent-map figure), whatever n; more draws than chains continue them."""
-
-    def fitted_gaussian(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        return moment_fit(self.sample(max(2, self.fit_draws), generator))
-
-
-class ALMOND(LatentVariableModel):
+class ALMOND(ChainsPosterior, LatentVariableModel):
     """ALMOND: Langevin E-step on persistent per-example chains, gradient M-step (see the module doc).
 
     `n_chains` chains per example; `sampler` the E-step kernel (a `LangevinSampler`, or ula|mala|annealed for
@@ -336,68 +329,6 @@ class ALMOND(LatentVariableModel):
         if self.scheduler_factory is None:
             return optimizers
         return optimizers, [{"scheduler": self.scheduler_factory(mstep), "interval": "epoch"}]
-
-    # ----- the posterior contract ---------------------------------------------------------------
-    @torch.no_grad()
-    def aggregate_posterior(self, x: Tensor, generator: torch.Generator | None = None, batch_size: int = 500, *,
-                            index: Tensor | None = None) -> Tensor:
-        """The first persistent chain of each training example `index` (default all; x (N, D) the training split)
-        the E-step visited; unvisited examples get fresh chains as in `posterior`."""
-        store = self.store
-        if store is None or store.num_examples != x.shape[0]:
-            return super().aggregate_posterior(x, generator, batch_size, index=index)
-        index = torch.arange(x.shape[0]) if index is None else index.cpu()
-        z = store.z[0][index.to(store.z.device)].clone()
-        fresh = (~store.visited[index.to(store.z.device)]).nonzero().flatten().cpu()
-        for rows in fresh.split(batch_size):
-            z[rows] = self.posterior(x[index[rows].to(x.device)], None).sample(1, generator)[0].to(z)
-        return z
-
-    def _current_split(self) -> str:
-        """The split the trainer works on: val/test/predict in those loops, train while fitting or after a fit
-        (callbacks placing training examples), val without a trainer (an index then counts positions in a split
-        without chains). Unseen data after a fit: pass no index, or split="test"."""
-        trainer = self._trainer
-        if trainer is None or trainer.validating or trainer.sanity_checking:
-            return "val"
-        if trainer.testing or trainer.predicting:
-            return "test" if trainer.testing else "predict"
-        return "train" if trainer.training or trainer.state.fn == "fit" else "val"
-
-    def posterior(self, x: Tensor, index: Tensor | None = None, split: str | None = None) -> SamplePosterior:
-        """Samples of p(z | x): the persistent chains when these are visited training examples (`split`, default
-        what the trainer runs, is train), else `eval_chains`-sized batches of fresh chains."""
-        split = split or self._current_split()
-        log_joint = partial(self.model.log_joint, x)
-        store = self.store
-        if split == "train" and index is not None and store is not None and bool(store.visited[index.to(store.z.device)].all()):
-            return ChainPosterior(partial(self._persistent_draws, x, index), log_joint, fit_draws=self.n_chains)
-        return SamplePosterior(partial(self._fresh_draws, x, split, index), log_joint, fit_draws=self.eval_chains)
-
-    def _persistent_draws(self, x: Tensor, index: Tensor, n: int, generator: torch.Generator | None) -> Tensor:
-        """The chains themselves (n <= n_chains), then their states after each further `langevin_steps` moves
-        (not written back), until there are n draws."""
-        z = self.chain_states(index).to(x.device)
-        draws = [z]
-        while sum(d.shape[0] for d in draws) < n:
-            z = sample_in_blocks(self.sampler.sample, partial(self.model.log_joint, x), z, self.block_rows, generator,
-                                 step_size=self.current_step_size(), workers=self._workers(x)).z
-            draws.append(z)
-        return torch.cat(draws)[:n]
-
-    def _fresh_draws(self, x: Tensor, split: str, index: Tensor | None, n: int, generator: torch.Generator | None) -> Tensor:
-        """n fresh chains from the encoder (after a warm-up) or the prior, `eval_langevin_steps` moves each."""
-        if generator is None:
-            first = int(index[0]) if index is not None and index.numel() else 0
-            generator = self._generator(x.device, Stream.LANGEVIN_EVAL, SPLIT_IDS.get(split, 3), self.current_epoch, first)
-        z = self.initial_states(x, n, generator)
-        if self.eval_langevin_steps == 0:
-            return z
-        z = sample_in_blocks(self.sampler.with_steps(self.eval_langevin_steps).sample, partial(self.model.log_joint, x),
-                             z, self.block_rows, generator, step_size=self.current_step_size(), workers=self._workers(x)).z
-        if not bool(torch.isfinite(z).all()):
-            raise NumericalError("ALMOND evaluation sampler produced non-finite chain states; lower sampler.step_size")
-        return z
 
     def evaluate_batch(self, x: Tensor, index: Tensor) -> dict[str, Tensor]:
         """The warm-up encoder's ELBO when there is one (how far the VAE posterior is from the model's)."""
