@@ -335,6 +335,14 @@ def test_gradient_clipping_switch_clips_every_optimiser(tmp_path: Path) -> None:
         assert probe.norms and max(probe.norms) <= 0.01 * (1 + 1e-5), (method, probe.norms)
 
 
+def stub_trainer(global_step: int) -> Any:
+    """What the guard reads of a Trainer, for driving its hooks by hand: one process, epoch 0, batch 3."""
+    from types import SimpleNamespace
+
+    progress = SimpleNamespace(batch_progress=SimpleNamespace(current=SimpleNamespace(ready=4)))
+    return SimpleNamespace(global_step=global_step, current_epoch=0, world_size=1, fit_loop=SimpleNamespace(epoch_loop=progress))
+
+
 @pytest.mark.parametrize("entries,stops", [
     ({"decoder": [float("nan")]}, True),
     ({"encoder": [float("inf")], "decoder": [-float("inf")]}, True),  # inf - inf: the sum is NaN, still caught
@@ -343,8 +351,6 @@ def test_gradient_clipping_switch_clips_every_optimiser(tmp_path: Path) -> None:
 def test_gradient_check_stops_on_any_nan_or_inf_entry_and_only_then(entries: dict[str, list[float]], stops: bool) -> None:
     """The guard checks gradients through their sum (one read): NaN and inf survive any sum, and a finite sum that
     overflows is rechecked entry by entry, so it stops exactly when an entry is non-finite, naming its component."""
-    from types import SimpleNamespace
-
     from latentlab.callbacks.faults import ComponentMap
 
     module = torch.nn.ModuleDict({"encoder": torch.nn.Linear(30, 20), "decoder": torch.nn.Linear(20, 30)})
@@ -354,8 +360,7 @@ def test_gradient_check_stops_on_any_nan_or_inf_entry_and_only_then(entries: dic
         module[name].weight.grad.view(-1)[:len(values)] = torch.tensor(values)
     guard = NumericalGuard()
     guard._map = ComponentMap(module)
-    progress = SimpleNamespace(batch_progress=SimpleNamespace(current=SimpleNamespace(ready=4)))
-    trainer = SimpleNamespace(global_step=3, current_epoch=0, fit_loop=SimpleNamespace(epoch_loop=progress))
+    trainer = stub_trainer(global_step=3)
     optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
     if not stops:
         guard.on_before_optimizer_step(trainer, module, optimizer)  # type: ignore[arg-type]
@@ -392,14 +397,11 @@ def test_deferred_checks_read_nothing_back_until_their_turn() -> None:
     """Deferred, the per-step loss and gradient checks make no host read (`aten::_local_scalar_dense`: a sync on a GPU,
     where auto defers them); the read at the epoch's end then names the first bad step and its component. At every
     step (CPU's default) each check reads once."""
-    from types import SimpleNamespace
-
     from torch.profiler import profile
 
     module = torch.nn.ModuleDict({"encoder": torch.nn.Linear(30, 20), "decoder": torch.nn.Linear(20, 30)})
     optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
-    progress = SimpleNamespace(batch_progress=SimpleNamespace(current=SimpleNamespace(ready=4)))
-    trainer = SimpleNamespace(global_step=3, current_epoch=0, world_size=1, fit_loop=SimpleNamespace(epoch_loop=progress))
+    trainer = stub_trainer(global_step=3)
 
     def reads(guard: NumericalGuard, poison: bool) -> int:
         loss = module["decoder"](module["encoder"](torch.randn(5, 30))).sum()
