@@ -63,6 +63,29 @@ def test_a_blocked_call_is_the_sampler_on_each_block_in_turn(sampler) -> None:
     assert blocked.diagnostics["nonfinite_per_chain"].shape == (7, 3)
 
 
+@pytest.mark.parametrize("sampler", [ULA(0.05, 6, burn_in=2), MALA(0.05, 6, adapt_window=4), ULA(0.05, 6, guard=True),
+                                     MALA(0.05, 6, guard=True)])
+def test_sampler_calls_and_their_merge_read_nothing_back(sampler) -> None:
+    """A sampler call and the merge of blocks make no host read (`aten::_local_scalar_dense`, a sync on a GPU): their
+    scalar diagnostics stay 0-d tensors on z's device, still the per-block figures merged (a weighted mean, a sum)."""
+    from torch.profiler import profile
+
+    from latentlab.samplers.blocks import _merge
+
+    log_prob, z0 = gaussian_target(), torch.randn(7, 3, 2, generator=torch.Generator().manual_seed(2))
+    generator = torch.Generator().manual_seed(4)
+    with profile() as prof:
+        parts = [sampler.sample(log_prob, z0[a:b], generator) for a, b in ((0, 3), (3, 7))]
+        merged = _merge(parts, [3, 4])
+    assert sum(event.name == "aten::_local_scalar_dense" for event in prof.events()) == 0
+    for key, value in merged.diagnostics.items():
+        assert isinstance(value, torch.Tensor), key
+        if value.dim() == 0 and key.startswith("n_"):
+            assert float(value) == sum(float(p.diagnostics[key]) for p in parts)
+        elif value.dim() == 0:
+            assert float(value) == pytest.approx((3 * float(parts[0].diagnostics[key]) + 4 * float(parts[1].diagnostics[key])) / 7)
+
+
 def test_blocked_backward_gives_the_m_step_gradient_of_one_backward() -> None:
     net, x = decoder(), torch.randn(4, 5)
     z = torch.randn(9, 4, 2)

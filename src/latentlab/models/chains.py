@@ -29,9 +29,9 @@ def first_occurrences(index: Tensor) -> Tensor:
     """
     if index.numel() == 0:
         return index
-    _, inverse = torch.unique(index, return_inverse=True)
+    values, inverse = torch.unique(index, return_inverse=True)  # its output's size is known: no further read
     positions = torch.arange(index.numel(), device=index.device)
-    first = torch.full((int(inverse.max()) + 1,), index.numel(), dtype=torch.long, device=index.device)
+    first = torch.full((values.numel(),), index.numel(), dtype=torch.long, device=index.device)
     return first.scatter_reduce_(0, inverse, positions, reduce="amin")
 
 

@@ -100,7 +100,7 @@ def _split(value: float | Tensor | None, like: Tensor, size: int) -> list[float 
 
 def _merge(results: list[SamplerResult], sizes: list[int]) -> SamplerResult:
     """One result from the blocks': states and per-chain tensors concatenated, counts (`n_*`) summed, other scalar
-    diagnostics (means over chains) weighted by block size."""
+    diagnostics (means over chains) weighted by block size; 0-d tensors stay tensors (no host read per block)."""
     if len(results) == 1:
         return results[0]
     total = sum(sizes)
@@ -109,10 +109,10 @@ def _merge(results: list[SamplerResult], sizes: list[int]) -> SamplerResult:
         values = [r.diagnostics[key] for r in results]
         if isinstance(first, Tensor) and first.dim() > 0:
             diagnostics[key] = torch.cat(values)  # type: ignore[arg-type]
-        elif key.startswith("n_"):
-            diagnostics[key] = sum(float(v) for v in values)
+        elif key.startswith("n_"):  # floats or 0-d device tensors, summed without reading them back
+            diagnostics[key] = sum(values[1:], values[0])
         else:
-            diagnostics[key] = sum(float(v) * s for v, s in zip(values, sizes, strict=True)) / total
+            diagnostics[key] = sum((v * s for v, s in zip(values, sizes, strict=True)), 0.0) / total
     samples = None if results[0].samples is None else torch.cat([r.samples for r in results], 1)  # type: ignore[misc]
     counts = None if results[0].step_count is None else torch.cat([r.step_count for r in results])  # type: ignore[misc]
     return SamplerResult(torch.cat([r.z for r in results]), torch.cat([r.step_size for r in results]), samples,

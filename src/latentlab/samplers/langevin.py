@@ -109,9 +109,10 @@ class _Stats:
         self.n_grad += 1
 
     def finish(self) -> dict[str, float | Tensor]:
+        """0-d tensors on z's device (read them with float() when needed: no host sync per sampler call)."""
         return {
-            "grad_norm": float(self.grad_norm) / max(self.n_grad, 1),
-            "n_nonfinite": float(self.nonfinite.sum()),
+            "grad_norm": self.grad_norm / max(self.n_grad, 1),
+            "n_nonfinite": self.nonfinite.sum().to(self.grad_norm.dtype),
             "nonfinite_per_chain": self.nonfinite,
         }
 
@@ -177,9 +178,13 @@ class LangevinSampler:
     def _initial_step(self, z: Tensor, step_size: float | Tensor | None) -> Tensor:
         """Per-chain step sizes, shape z.shape[:-1], from the call's override or the constructor's."""
         step = self.step_size if step_size is None else step_size
+        message = "step_size must be > 0 for every chain"
+        on_host = not isinstance(step, Tensor) or step.device.type == "cpu"
+        if on_host and not bool((torch.as_tensor(step) > 0).all() if isinstance(step, Tensor) else float(step) > 0):
+            raise ValueError(message)
         step = torch.as_tensor(step, dtype=z.dtype, device=z.device)
-        if not bool((step > 0).all()):
-            raise ValueError("step_size must be > 0 for every chain")
+        if not on_host:  # checked on the device, not read back: the error comes at the next sync
+            torch._assert_async((step > 0).all(), message)
         return step.expand(z.shape[:-1]).clone()
 
     def _run_unadjusted(
@@ -254,7 +259,8 @@ class ULA(LangevinSampler):
     O(s) bias that MALA removes. `step_schedule="poly"` decays s_t = s (1 + t / schedule_t0)^-gamma
     (Welling & Teh 2011's a (b + t)^-gamma, normalised so s_0 = s): the bias shrinks along the run.
     Diagnostics: `grad_norm` (mean ||grad|| over steps and chains), `n_nonfinite` (chain-steps the
-    guard rejected, or that were non-finite at evaluation), `nonfinite_per_chain`.
+    guard rejected, or that were non-finite at evaluation), `nonfinite_per_chain`; 0-d tensors on z's device, so a
+    call reads nothing back to the host (float() them to print).
     """
 
     def __init__(
@@ -315,7 +321,7 @@ class MALA(LangevinSampler):
     `burn_in`, or n_steps when burn_in is 0 (one call from fresh chains adapts throughout).
     Non-finite proposals are always rejected (their acceptance probability is 0); `guard=True` also
     halves that chain's step. Diagnostics: `accept_rate` (mean acceptance probability over steps and
-    chains), `accept_rate_per_chain`, `grad_norm`, `n_nonfinite`, `nonfinite_per_chain`.
+    chains; a 0-d tensor, as the ULA ones), `accept_rate_per_chain`, `grad_norm`, `n_nonfinite`, `nonfinite_per_chain`.
     """
 
     def __init__(
@@ -400,5 +406,5 @@ class MALA(LangevinSampler):
             recorder(t + 1, z)
         diagnostics = stats.finish()
         diagnostics["accept_rate_per_chain"] = accept_sum / self.n_steps
-        diagnostics["accept_rate"] = float(accept_sum.mean()) / self.n_steps
+        diagnostics["accept_rate"] = accept_sum.mean() / self.n_steps
         return SamplerResult(z, step.squeeze(-1), recorder.samples, diagnostics, count + self.n_steps)
