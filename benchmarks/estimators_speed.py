@@ -58,8 +58,7 @@ def hand_is(enc: list[nn.Linear], dec: list[nn.Linear], x: torch.Tensor, k: int,
     """The vectorised IS estimate a researcher writes: log (1/k) sum_i p(x, z_i) / q(z_i | x), (batch,)."""
     mu, log_var = mlp(enc, x).chunk(2, -1)
     log_var = log_var.clamp(min=min_log_var)
-    std, d = torch.exp(0.5 * log_var), mu.shape[-1]
-    const = -0.5 * d * math.log(2 * math.pi)
+    std = torch.exp(0.5 * log_var)  # the prior's and q's 2 pi constants cancel in log_w
     lse = torch.full(x.shape[:1], -math.inf, device=x.device)
     for start in range(0, k, chunk):
         eps = torch.randn((min(chunk, k - start), *mu.shape), generator=generator, device=x.device)

@@ -7,7 +7,6 @@ Bernoulli / Gaussian variances, with fixed seeds (a correct implementation fails
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import lightning.pytorch as L
