@@ -273,6 +273,9 @@ def test_per_chain_step_sizes_and_bad_arguments(linear_gaussian: tuple[LinearGau
     steps = torch.tensor([0.01, 0.02, 0.04]).expand(4, 3)
     result = ULA(0.5, 2).sample(log_prob, torch.zeros(4, 3, 2), step_size=steps)
     assert torch.equal(result.step_size, steps)
+    for bad_step in (-0.1, torch.tensor([0.01, 0.0, 0.04]).expand(4, 3)):  # a call's number or per-chain CPU tensor
+        with pytest.raises(ValueError, match="step_size must be > 0"):
+            ULA(0.5, 2).sample(log_prob, torch.zeros(4, 3, 2), step_size=bad_step)
     with pytest.raises(ValueError, match="log_prob must map"):
         ULA(0.1, 2).sample(lambda z: model.log_joint(x, z).sum(), torch.zeros(4, 3, 2))
     for bad in (dict(step_size=0.0, n_steps=5), dict(step_size=0.1, n_steps=0), dict(step_size=0.1, n_steps=5, burn_in=5)):

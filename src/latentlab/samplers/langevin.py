@@ -179,12 +179,15 @@ class LangevinSampler:
         """Per-chain step sizes, shape z.shape[:-1], from the call's override or the constructor's."""
         step = self.step_size if step_size is None else step_size
         message = "step_size must be > 0 for every chain"
-        on_host = not isinstance(step, Tensor) or step.device.type == "cpu"
-        if on_host and not bool((torch.as_tensor(step) > 0).all() if isinstance(step, Tensor) else float(step) > 0):
-            raise ValueError(message)
-        step = torch.as_tensor(step, dtype=z.dtype, device=z.device)
-        if not on_host:  # checked on the device, not read back: the error comes at the next sync
+        if not isinstance(step, Tensor):
+            if not float(step) > 0:
+                raise ValueError(message)
+        elif step.device.type == "cpu":
+            if not bool((step > 0).all()):
+                raise ValueError(message)
+        else:  # checked on the device, not read back: the error comes at the next sync
             torch._assert_async((step > 0).all(), message)
+        step = torch.as_tensor(step, dtype=z.dtype, device=z.device)
         return step.expand(z.shape[:-1]).clone()
 
     def _run_unadjusted(
