@@ -1,13 +1,17 @@
-"""What one epoch of the many-normal-means experiment costs, by `model.block_rows` (issue 14, goal 3).
+"""What one epoch of the many-normal-means experiment costs, by `model.decoder_table` and `model.block_rows`
+(issue 14, goal 3).
 
     python benchmarks/normal_means_speed.py                       # the mixture prior's nets, ~3 minutes
-    python benchmarks/normal_means_speed.py --prior normal --hidden 10
+    python benchmarks/normal_means_speed.py --prior normal --hidden 10 --draws 10
 
 Full batch (n = 1000), so each epoch is one step: the VAE warm-up (vae_num_samples draws per example through
 encoder and decoder) and the Langevin phase (100 chains x 10 ULA moves, then the M-step over all chains). Runs
 `ALMOND.training_step` itself (built from `experiment=almond_normal_means`) outside the Trainer, repeats
-interleaved across block sizes so the shared machine's noise hits each alike; medians. The last column
-extrapolates the paper's budget (1000 warm-up + 1000 Langevin epochs) for one prior.
+interleaved across settings so the shared machine's noise hits each alike; medians. decoder_table=auto moves the
+chains through the decoder's verified Hermite table (the 1-d latent), false through the network; block_rows then
+splits only the M-step's (and the warm-up's) backward. The last column extrapolates the paper's budget (1000 warm-up
++ 1000 Langevin epochs) for one prior. The decoder is freshly initialised: a trained one is steeper and gets a finer
+table (the mixture's: 1/128 spacing against 1/32), a few ms more a Langevin epoch.
 """
 
 from __future__ import annotations
@@ -24,9 +28,9 @@ from latentlab import builders
 PAPER_EPOCHS = 1000
 
 
-def build(prior: str, hidden: list[int], draws: int, rows: str):
+def build(prior: str, hidden: list[int], draws: int, rows: str, table: str):
     overrides = ["experiment=almond_normal_means", f"data.prior={prior}", f"net.hidden_dims=[{','.join(map(str, hidden))}]",
-                 f"model.vae_num_samples={draws}", f"model.block_rows={rows}"]
+                 f"model.vae_num_samples={draws}", f"model.block_rows={rows}", f"model.decoder_table={table}"]
     cfg = builders.compose_config(overrides, output_dir="/tmp/normal_means_speed")
     builders.resolve_paths(cfg)
     datamodule = builders.build_datamodule(cfg)
@@ -59,31 +63,33 @@ def main() -> None:
     parser.add_argument("--prior", default="mixture")
     parser.add_argument("--hidden", type=int, nargs="+", default=[50, 100, 50])
     parser.add_argument("--draws", type=int, default=100, help="vae_num_samples (the mixture script's 100)")
-    parser.add_argument("--rows", nargs="+", default=["null", "auto", "1024", "16384"], help="block_rows values")
+    parser.add_argument("--rows", nargs="+", default=["null", "auto"], help="block_rows values")
+    parser.add_argument("--tables", nargs="+", default=["false", "auto"], help="decoder_table values")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                         help="torch thread counts (model.block_workers=auto: as many block workers)")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    sizes = list(dict.fromkeys(["null", *args.rows]))  # the unblocked baseline first
-    configs = [(r, t) for t in args.threads for r in sizes]
-    built = {r: build(args.prior, args.hidden, args.draws, r) for r in sizes}
-    times: dict[tuple[str, int, str], list[float]] = {(*c, p): [] for c in configs for p in ("vae", "langevin")}
+    settings = [(r, tab) for tab in dict.fromkeys(["false", *args.tables]) for r in dict.fromkeys(["null", *args.rows])]
+    configs = [(*s, t) for t in args.threads for s in settings]  # the unblocked network on the fewest threads first
+    built = {s: build(args.prior, args.hidden, args.draws, *s) for s in settings}
+    times: dict[tuple[str, str, int, str], list[float]] = {(*c, p): [] for c in configs for p in ("vae", "langevin")}
     for _ in range(args.repeats):
-        for r, t in configs:
+        for r, tab, t in configs:
             torch.set_num_threads(t)
             for phase in ("vae", "langevin"):
-                times[(r, t, phase)].append(epoch_seconds(*built[r], phase))
+                times[(r, tab, t, phase)].append(epoch_seconds(*built[(r, tab)], phase))
     print(f"\nmany normal means, prior={args.prior}, nets {args.hidden}, {args.draws} VAE draws; median of "
           f"{args.repeats}, interleaved\n")
-    print("| block_rows | threads (= block workers) | VAE epoch (s) | Langevin epoch (s) | vs unblocked, 1 thread | "
-          "paper budget, one prior (min) |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    base = sum(statistics.median(times[("null", args.threads[0], p)]) for p in ("vae", "langevin"))
-    for r, t in configs:
-        vae, lang = (statistics.median(times[(r, t, p)]) for p in ("vae", "langevin"))
+    print("| decoder_table | block_rows | threads (= block workers) | VAE epoch (s) | Langevin epoch (s) | "
+          "vs the first row | paper budget, one prior (min) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    base = sum(statistics.median(times[(*configs[0], p)]) for p in ("vae", "langevin"))
+    for r, tab, t in configs:
+        vae, lang = (statistics.median(times[(r, tab, t, p)]) for p in ("vae", "langevin"))
         total = PAPER_EPOCHS * (vae + lang) / 60
-        rows = built[r][0].block_rows
-        print(f"| {r} ({rows or 'all'} rows) | {t} | {vae:.3f} | {lang:.3f} | {base / (vae + lang):.2f}x | {total:.1f} |")
+        rows = built[(r, tab)][0].block_rows
+        print(f"| {tab} | {r} ({rows or 'all'} rows) | {t} | {vae:.3f} | {lang:.3f} | {base / (vae + lang):.2f}x | "
+              f"{total:.1f} |")
 
 
 if __name__ == "__main__":

@@ -32,13 +32,14 @@ class ChainPosterior(SamplePosterior):
 class ChainsPosterior:
     """`posterior` and `aggregate_posterior` of ALMOND (mixed in before `LatentVariableModel`): the chains of
     visited training examples, fresh chains otherwise. Uses the model's `store`, `sampler`, `model`,
-    `block_rows`, `eval_chains`, `eval_langevin_steps`, `initial_states`, `chain_states`, `current_step_size`,
+    `block_rows`, `eval_chains`, `eval_langevin_steps`, `initial_states`, `chain_states`, `current_step_size`, `_target`,
     `_workers` and `_generator`."""
 
     store: Any
     sampler: Any
     model: Any
     block_rows: int | None
+    _target: Any
     n_chains: int
     eval_chains: int
     eval_langevin_steps: int
@@ -87,7 +88,8 @@ class ChainsPosterior:
         z = self.chain_states(index).to(x.device)
         draws = [z]
         while sum(d.shape[0] for d in draws) < n:
-            z = sample_in_blocks(self.sampler.sample, partial(self.model.log_joint, x), z, self.block_rows, generator,
+            log_prob, rows, _ = self._target(x, z)
+            z = sample_in_blocks(self.sampler.sample, log_prob, z, rows, generator,
                                  step_size=self.current_step_size(), workers=self._workers(x)).z
             draws.append(z)
         return torch.cat(draws)[:n]
@@ -100,8 +102,9 @@ class ChainsPosterior:
         z = self.initial_states(x, n, generator)
         if self.eval_langevin_steps == 0:
             return z
-        z = sample_in_blocks(self.sampler.with_steps(self.eval_langevin_steps).sample, partial(self.model.log_joint, x),
-                             z, self.block_rows, generator, step_size=self.current_step_size(), workers=self._workers(x)).z
+        log_prob, rows, _ = self._target(x, z)
+        z = sample_in_blocks(self.sampler.with_steps(self.eval_langevin_steps).sample, log_prob, z, rows, generator,
+                             step_size=self.current_step_size(), workers=self._workers(x)).z
         if not bool(torch.isfinite(z).all()):
             raise NumericalError("ALMOND evaluation sampler produced non-finite chain states; lower sampler.step_size")
         return z
