@@ -10,8 +10,8 @@ The table is only used where it is verified at least as accurate as the float32 
 inside every interval, t = 1/3 and 2/3 of the way (where the leading error terms, t^2 (1-t)^2 in value and
 t (1-t) (1-2t) in slope, reach 79% and 77% of their peaks), its value and slope, their errors counted 1.3 times,
 must be within the float32 decoder's own largest error over the grid of the float64 one (or float32's epsilon
-times the curve's scale). Otherwise h is halved, up to `max_points`; past that `build` gives up (None) and the
-caller keeps the decoder. So a chain moved through the table is the chain moved through the network, to float32
+times the curve's scale). Otherwise h shrinks by the power of 2 that the error ratio asks for (slope errors scale as
+h^3), up to `max_points`; past that `build` gives up (None) and the caller keeps the decoder. So a chain moved through the table is the chain moved through the network, to float32
 rounding.
 
 A z outside [lo, hi] is decoded by the network itself (found with one host read per call). The table holds
@@ -36,7 +36,7 @@ PEAK_RATIO = 1.3  # errors there times this bound their peaks within the interva
 
 def _curve(decoder: nn.Module, dtype: torch.dtype) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
     """z (n, 1) -> (decoder(z), d decoder / dz), both (n, P), with the decoder's weights cast to `dtype`."""
-    state = {k: v.detach().to(dtype) for k, v in [*decoder.named_parameters(), *decoder.named_buffers()]}
+    state = {k: v.detach().to(dtype, copy=True) for k, v in [*decoder.named_parameters(), *decoder.named_buffers()]}
 
     def values_and_slopes(z: Tensor) -> tuple[Tensor, Tensor]:
         z = z.to(dtype)
