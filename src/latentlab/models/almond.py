@@ -216,8 +216,9 @@ class ALMOND(ChainsPosterior, LatentVariableModel):
 
     def on_train_epoch_start(self) -> None:
         if self.current_epoch == self.vae_epochs:
-            log.info("ALMOND: epoch %d starts the Langevin phase (%d chains x %s, step size %.4g)", self.current_epoch,
-                     self.n_chains, self.sampler, self.current_step_size())
+            table = " through a verified table of the 1-d decoder" if self._table_wanted(self.device) else ""
+            log.info("ALMOND: epoch %d starts the Langevin phase (%d chains x %s%s, step size %.4g)", self.current_epoch,
+                     self.n_chains, self.sampler, table, self.current_step_size())
         elif self.current_epoch == 0 and self.vae_epochs > 0:
             log.info("ALMOND: VAE warm-up for %d epochs", self.vae_epochs)
 
@@ -262,12 +263,16 @@ class ALMOND(ChainsPosterior, LatentVariableModel):
             stats.update(table_points=torch.tensor(float(table.points)), table_fallbacks=torch.tensor(float(table.fallbacks)))
         return result.z, stats
 
+    def _table_wanted(self, device: torch.device) -> bool:
+        """A 1-d latent with decoder_table=true, or auto on CPU (on an accelerator a table's range check would read
+        back to the host every move)."""
+        return self.latent_dim == 1 and (self.decoder_table is True or (self.decoder_table == "auto" and device.type == "cpu"))
+
     def _target(self, x: Tensor, z0: Tensor) -> tuple[Callable[[Tensor], Tensor], int | None, DecoderTable | None]:
         """(log p(x, z) for the sampler, block_rows, the table): through a decoder table around the chains z0 when
         `decoder_table` allows and one verifies (then unblocked: no activations to keep in cache), else the
         network in blocks."""
-        wanted = self.decoder_table is True or (self.decoder_table == "auto" and z0.device.type == "cpu")
-        if wanted and self.latent_dim == 1:
+        if self._table_wanted(z0.device):
             with torch.no_grad():
                 table = DecoderTable.around(self.model.decoder, z0)
             if table is not None:
