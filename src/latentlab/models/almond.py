@@ -72,7 +72,7 @@ class ALMOND(ChainsPosterior, LatentVariableModel):
     "auto": BLOCK_ELEMENTS over the decoder's widest layer, so each block's widest activation stays in cache);
     `block_workers`: blocks run side by side on this many threads ("auto": torch's thread count on CPU, else 1).
     `decoder_table`: with a 1-d latent, Langevin moves read the decoder from a verified cubic Hermite table built
-    once per E-step (decoder_table.py: as accurate as the float32 network, 30-50x cheaper a move); "auto": on CPU.
+    once per E-step (decoder_table.py: as accurate as the float32 network, 30-60x cheaper a move); "auto": on CPU.
     """
 
     method = "almond"
