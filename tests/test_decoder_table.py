@@ -118,8 +118,8 @@ def test_ula_chains_through_the_table_are_the_network_chains_to_float32_rounding
     assert float((tabled - z0).abs().mean()) > 0.1  # the chains did move
 
 
-def normal_means_almond(decoder_table: bool | str, latent_dim: int = 1) -> ALMOND:
-    return ALMOND(data_dim=1, latent_dim=latent_dim, net={"kind": "mlp", "hidden_dims": [10, 10], "activation": "softplus"},
+def normal_means_almond(decoder_table: bool | str, latent_dim: int = 1, data_dim: int = 1) -> ALMOND:
+    return ALMOND(data_dim=data_dim, latent_dim=latent_dim, net={"kind": "mlp", "hidden_dims": [10, 10], "activation": "softplus"},
                   likelihood={"kind": "gaussian", "variance": 1.0}, n_chains=20, sampler=ULA(0.01, 10), num_train=100,
                   block_rows=None, decoder_table=decoder_table, sampler_seed=5)
 
@@ -137,6 +137,9 @@ def test_almond_e_step_reads_a_1d_decoder_from_a_table_and_moves_the_same_chains
         chains[setting], _ = model.e_step(x, index, torch.Generator().manual_seed(1))
     assert len(built) == 1 and built[0] is not None  # auto on CPU: the table; false: the network
     assert torch.allclose(chains["auto"], chains[False], atol=1e-5) and not torch.equal(chains["auto"], chains[False])
+    assert not normal_means_almond("auto", data_dim=65)._table_wanted(torch.device("cpu"))  # a wide decoder: the network
+    assert normal_means_almond(True, data_dim=65)._table_wanted(torch.device("cpu"))
+    assert not model._table_wanted(torch.device("meta"))  # auto: only on CPU, whose range check reads back for free
     with pytest.raises(ConfigError, match="decoder_table=true needs a 1-d latent"):
         normal_means_almond(True, latent_dim=2)
     with pytest.raises(ConfigError, match="decoder_table must be"):

@@ -48,6 +48,9 @@ CHAIN_INITS = ("auto", "prior", "encoder")
 # rows) runs its epoch 1.8x faster in 4000-row blocks; a 10-wide net is fastest in 40k-row blocks (4096 rows: 0.7x)
 BLOCK_ELEMENTS = 400_000
 DECODER_TABLES = ("auto", True, False)
+# decoder_table=auto: a 1-d latent whose decoder has at most this many outputs (normal means: 1); a table gathers 7 of
+# them in float64 per chain and move, so for an image decoder (784) it costs about what the network does
+TABLE_MAX_OUTPUTS = 64
 __all__ = ["ALMOND", "first_occurrences", "inverse_sqrt_lr", "langevin_step_size"]
 
 
@@ -72,7 +75,8 @@ class ALMOND(ChainsPosterior, LatentVariableModel):
     "auto": BLOCK_ELEMENTS over the decoder's widest layer, so each block's widest activation stays in cache);
     `block_workers`: blocks run side by side on this many threads ("auto": torch's thread count on CPU, else 1).
     `decoder_table`: with a 1-d latent, Langevin moves read the decoder from a verified cubic Hermite table built
-    once per E-step (decoder_table.py: as accurate as the float32 network, 30-60x cheaper a move); "auto": on CPU.
+    once per E-step (decoder_table.py: as accurate as the float32 network, 30-60x cheaper a move); "auto": on CPU
+    for a decoder of at most TABLE_MAX_OUTPUTS outputs.
     """
 
     method = "almond"
@@ -265,8 +269,9 @@ class ALMOND(ChainsPosterior, LatentVariableModel):
 
     def _table_wanted(self, device: torch.device) -> bool:
         """A 1-d latent with decoder_table=true, or auto on CPU (on an accelerator a table's range check would read
-        back to the host every move)."""
-        return self.latent_dim == 1 and (self.decoder_table is True or (self.decoder_table == "auto" and device.type == "cpu"))
+        back to the host every move) for a decoder of at most TABLE_MAX_OUTPUTS outputs."""
+        auto = device.type == "cpu" and self.data_dim * self.model.likelihood.param_multiplier <= TABLE_MAX_OUTPUTS
+        return self.latent_dim == 1 and (self.decoder_table is True or (self.decoder_table == "auto" and auto))
 
     def _target(self, x: Tensor, z0: Tensor) -> tuple[Callable[[Tensor], Tensor], int | None, DecoderTable | None]:
         """(log p(x, z) for the sampler, block_rows, the table): through a decoder table around the chains z0 when
