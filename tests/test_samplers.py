@@ -403,3 +403,26 @@ def test_mala_on_persistent_chains_is_invariant_once_adaptation_stops() -> None:
     assert abs(float(frozen[:, 1].var()) / 0.04 - 1.0) < 0.03
     restarted = run_as_almond(sampler, start, 100, carry_counts=False)
     assert float(restarted[:, 1].var()) / 0.04 < 1.0 - 4 * math.sqrt(2 / n)
+
+
+@pytest.mark.parametrize("guard", [False, True])
+def test_ula_on_a_joint_density_moves_by_its_score_to_the_same_chains(guard: bool) -> None:
+    """`model.joint(x)` hands ULA the gradient alone (no log-density) unless the guard needs the value: in float64 the
+    chains and the non-finite counts equal those of the plain log-density to rounding, a NaN decoder output included."""
+    from latentlab import BernoulliLikelihood, GenerativeModel
+    from latentlab.nets import NetSpec, build_decoder
+
+    g = torch.Generator().manual_seed(4)
+    model = GenerativeModel(build_decoder(NetSpec(kind="mlp", hidden_dims=(16,)), 2, 10), BernoulliLikelihood(), 2).double()
+    x = (torch.rand(6, 10, generator=g) > 0.5).double()
+    z0 = torch.randn(5, 6, 2, generator=g, dtype=torch.float64)
+    z0[0, 0, 0] = float("nan")
+    calls: list[int] = []
+    joint = model.joint(x)
+    score = joint.score
+    joint.score = lambda z: calls.append(1) or score(z)  # type: ignore[method-assign]
+    results = [ULA(0.05, 8, guard=guard).sample(target, z0, torch.Generator().manual_seed(1))
+               for target in (joint, lambda z: model.log_joint(x, z))]
+    torch.testing.assert_close(results[0].z, results[1].z, rtol=1e-12, atol=1e-12, equal_nan=True)
+    assert results[0].diagnostics["n_nonfinite"] == results[1].diagnostics["n_nonfinite"] > 0
+    assert len(calls) == (0 if guard else 8)

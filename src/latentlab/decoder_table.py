@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
-from latentlab.generative import GenerativeModel
+from latentlab.generative import GenerativeModel, JointDensity
 
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
 CHECK_POINTS = (1 / 3,)  # fractions of an interval where the table is compared with the float64 decoder
@@ -138,9 +139,9 @@ class DecoderTable:
             params[rows] = model.decoder(flat[rows])
         return params.reshape(*z.shape[:-1], params.shape[-1])
 
-    def log_joint(self, model: GenerativeModel, x: Tensor) -> Callable[[Tensor], Tensor]:
-        """z -> log p(x, z) of `model` with the decoder read from this table (cf. `model.log_joint`)."""
-        return lambda z: model.likelihood.log_prob(x, self.decode(model, z)) + model.prior.log_prob(z)
+    def log_joint(self, model: GenerativeModel, x: Tensor) -> JointDensity:
+        """z -> log p(x, z) of `model` (and its score) with the decoder read from this table."""
+        return model.joint(x, partial(self.decode, model))
 
     @classmethod
     def around(cls, decoder: nn.Module, z: Tensor, margin: float = 1.0, **kwargs: float) -> "DecoderTable | None":

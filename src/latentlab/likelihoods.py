@@ -32,6 +32,12 @@ class Likelihood(nn.Module):
         return torch.cat([self.log_prob(x, params[i: i + chunk, None, :].expand(-1, x.shape[0], -1))
                           for i in range(0, params.shape[0], chunk)], 0)
 
+    def param_score(self, x: Tensor, params: Tensor) -> Tensor | None:
+        """d log p(x | params) / d params in closed form, shaped like params (x broadcast against it), or None
+        where there is none (callers then differentiate `log_prob`). A Langevin move needs only this gradient,
+        and for images computing it skips the log-density's own forward over every pixel."""
+        return None
+
     def mean(self, params: Tensor) -> Tensor:
         """E[x | params], used for reconstructions and sample grids."""
         raise NotImplementedError
@@ -53,6 +59,9 @@ class BernoulliLikelihood(Likelihood):
         # log p = sum_d x_d l_d - softplus(l_d) (also for x in [0, 1]): one (G, D) x (D, B) product
         logits = params.double()
         return (logits @ x.double().T - F.softplus(logits).sum(-1, keepdim=True)).to(params.dtype)
+
+    def param_score(self, x: Tensor, params: Tensor) -> Tensor:
+        return x - torch.sigmoid(params)  # d/dl [x l - softplus(l)]
 
     def mean(self, params: Tensor) -> Tensor:
         return torch.sigmoid(params)
@@ -102,6 +111,16 @@ class GaussianLikelihood(Likelihood):
         precision, x = torch.exp(-log_var), x.double()
         quad = precision @ (x * x).T - 2.0 * (mu * precision) @ x.T + (mu * mu * precision).sum(-1, keepdim=True)
         return (-0.5 * (quad + (LOG_2PI + log_var).sum(-1, keepdim=True))).to(params.dtype)
+
+    def param_score(self, x: Tensor, params: Tensor) -> Tensor:
+        """(x - mu) / var in mu; with per-sample variances also ((x - mu)^2 / var - 1) / 2 in the log-variance (0
+        where it is clamped at min_log_var)."""
+        mu, log_var = self._split(params)
+        scaled = (x - mu) * torch.exp(-log_var)
+        if not self.per_sample:
+            return scaled
+        raw = params.chunk(2, dim=-1)[1]
+        return torch.cat([scaled, torch.where(raw >= self.min_log_var, 0.5 * (scaled * (x - mu) - 1.0), 0.0)], -1)
 
     def mean(self, params: Tensor) -> Tensor:
         return self._split(params)[0]

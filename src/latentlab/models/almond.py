@@ -285,7 +285,7 @@ class ALMOND(ChainsPosterior, LatentVariableModel):
             if self.decoder_table is True:
                 log.warning("ALMOND: no decoder table verified within its size limit at epoch %d; moving the "
                             "chains through the network", self.current_epoch)
-        return partial(self.model.log_joint, x), self.block_rows, None
+        return self.model.joint(x), self.block_rows, None
 
     def m_step_loss(self, x: Tensor, z: Tensor) -> Tensor:
         """-E[log f(x | h(z))] over the chains, averaged over the batch (the paper's loss scaling)."""

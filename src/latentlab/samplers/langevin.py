@@ -201,6 +201,8 @@ class LangevinSampler:
     ) -> tuple[Tensor, Tensor, dict[str, float | Tensor]]:
         """Run `plan` (one entry per step) of unadjusted moves; exactly one forward+backward per step.
 
+        A target with a `score` (a `JointDensity`) gives the gradient alone when neither the guard nor an AIS
+        weight needs the log-prob; non-finite chain-steps are then those with a non-finite gradient.
         Guard: a state whose z, log-prob or gradient is non-finite is found when it is evaluated at
         the next step; that chain is put back to its previous state (whose gradient is kept) and its
         step size halved, so the cost stays one evaluation per step plus one final check. States are
@@ -213,13 +215,17 @@ class LangevinSampler:
         prev: tuple[Tensor, Tensor, Tensor] | None = None
         scales: tuple[float, Tensor, Tensor] | None = None  # (multiplier, step column, noise scale) cache
         for t, (target, multiplier, weight_coef) in enumerate(plan):
-            lp, grad = value_and_grad(target, z)
-            if self.guard:
-                z, lp, grad, step = self._check(z, lp, grad, step, prev, stats)
-                prev = (z, lp, grad)
-                scales = None  # step sizes may have been halved; recomputing is cheaper than a sync to find out
+            if hasattr(target, "score") and not self.guard and not weight_coef:
+                grad = target.score(z)  # a JointDensity's gradient alone: nothing here needs the log-density
+                stats.nonfinite += ~torch.isfinite(grad).all(-1)
             else:
-                stats.nonfinite += ~torch.isfinite(lp)
+                lp, grad = value_and_grad(target, z)
+                if self.guard:
+                    z, lp, grad, step = self._check(z, lp, grad, step, prev, stats)
+                    prev = (z, lp, grad)
+                    scales = None  # step sizes may have been halved; recomputing is cheaper than a sync to find out
+                else:
+                    stats.nonfinite += ~torch.isfinite(lp)
             if t > record_from:
                 recorder(t - record_from, z)
             if weight_coef:
