@@ -32,3 +32,14 @@ def shared_data_dir() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture
+def decoder_tables(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Every `DecoderTable.around` result (a table, or None where none verified) while the test runs, in order."""
+    from latentlab.decoder_table import DecoderTable
+
+    built: list = []
+    around = DecoderTable.around.__func__  # type: ignore[attr-defined]
+    monkeypatch.setattr(DecoderTable, "around", classmethod(lambda cls, *a, **k: built.append(around(cls, *a, **k)) or built[-1]))
+    return built

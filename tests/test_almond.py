@@ -234,15 +234,10 @@ def test_vae_warm_up_then_langevin_phase(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("sampler, table", [("ula", False), ("mala", False), ("ula", True)])
 def test_resume_from_last_ckpt_continues_the_same_chains(tmp_path: Path, sampler: str, table: bool,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+                                                         decoder_tables: list) -> None:
     """Also for a 1-d latent whose Langevin moves read the decoder table (a softplus layer: a curved decoder)."""
-    from latentlab.decoder_table import DecoderTable
-
     x = ppca_data(60)[1]
     kw: dict = dict(latent_dim=1, net={"kind": "mlp", "hidden_dims": [8], "activation": "softplus"}) if table else {}
-    built: list[DecoderTable | None] = []
-    around = DecoderTable.around.__func__  # type: ignore[attr-defined]
-    monkeypatch.setattr(DecoderTable, "around", classmethod(lambda cls, *a, **k: built.append(around(cls, *a, **k)) or built[-1]))
 
     def run(max_epochs: int, root: Path, ckpt: str | None = None) -> ALMOND:
         torch.manual_seed(0)
@@ -264,7 +259,7 @@ def test_resume_from_last_ckpt_continues_the_same_chains(tmp_path: Path, sampler
     if sampler == "mala":
         assert torch.allclose(straight.chain_step_sizes, resumed.chain_step_sizes)
         assert torch.equal(straight.store.count, resumed.store.count) and bool((resumed.store.count == 2 * 5).all())  # 2 epochs x 5 moves
-    assert len(built) == (3 * (2 + 1 + 1) if table else 0) and None not in built  # 3 batches x (2 + 1 + 1 resumed) epochs
+    assert len(decoder_tables) == (3 * (2 + 1 + 1) if table else 0) and None not in decoder_tables  # 3 batches x (2 + 1 + 1 resumed) epochs
     # a fresh model takes the weights strictly (chains are not in the state_dict) and the chains via the hook
     fresh = linear_almond(sampler=sampler, **kw)
     assert fresh.load_state_dict(ckpt["state_dict"], strict=True)

@@ -9,10 +9,10 @@ at most h^4 |f''''| / 384 in value and sqrt(3) h^3 |f''''| / 216 in slope.
 The table is only used where it is verified at least as accurate as the float32 decoder it replaces. At one point
 inside every interval, a third of the way (where the leading error terms, t^2 (1-t)^2 in value and t (1-t) (1-2t)
 in slope, reach 79% and 77% of their peaks; both are symmetric about the middle), its value and slope, their errors
-counted 1.3 times, must be within the float32 decoder's own largest error over the grid of the float64 one (or float32's epsilon
-times the curve's scale). Otherwise h shrinks by the power of 2 that the error ratio asks for (slope errors scale as
-h^3), up to `max_points`; past that `build` gives up (None) and the caller keeps the decoder. So a chain moved through the table is the chain moved through the network, to float32
-rounding.
+counted 1.3 times, must be within the float32 decoder's own largest error over the grid of the float64 one (or
+float32's epsilon times the curve's scale). Otherwise h shrinks by the power of 2 that the error ratio asks for
+(slope errors scale as h^3), up to `max_points`; past that `build` gives up (None) and the caller keeps the
+decoder. So a chain moved through the table is the chain moved through the network, to float32 rounding.
 
 A z outside [lo, hi] is decoded by the network itself (found with one host read per call). The table holds
 7 x P float64s per interval; `params` is differentiable in z (the interpolant's slope), not in the parameters.
