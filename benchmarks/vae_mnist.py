@@ -11,8 +11,8 @@ included (progress bar, model summary, atomic checkpoint at epoch ends 30 s apar
 one `fit` of all epochs. The hand-written loop is what a researcher writes: slices of the same tensor,
 `torch.optim.Adam(params, lr)` as PyTorch defaults it. pythae (optional, from its own interpreter, see
 `pythae_vae.py`) trains the same networks. The loops take turns epoch by epoch (hand, pythae, latentlab),
-so a slow phase of the shared machine hits all three; each epoch is timed in wall and process-CPU seconds
-(CPU time is the steadier number on a loaded machine). Ratios are medians over epochs, to the hand loop.
+so a slow phase of the shared machine hits all three, on the same pinned CPU(s) (`--cpus`); each epoch is
+timed in wall and process-CPU seconds (CPU time is the steadier number on a loaded machine). Ratios are medians over epochs, to the hand loop.
 Then, after equal epochs, the test NLL (importance sampling, k=1000, first 1000 test images) of both models
 and their last-epoch mean training losses (same in distribution: the defaults must not change results).
 `--breakdown` trains variants, each without one default, each against its own interleaved hand epochs.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import subprocess
 import tempfile
@@ -281,6 +282,18 @@ def count_syncs(args: argparse.Namespace, steps: int) -> None:
         print(f"{name:<30}{counter.counts.get(name, 0) / steps:>11.2f}{names.count(name) / hand_steps:>8.2f}")
 
 
+def pin(cpus: str, threads: int) -> list[int]:
+    """Pin this process (and so the pythae child it starts) to fixed CPUs: the loops being compared then run on
+    the same cores. On this project's 2-vCPU machine one vCPU runs Python-heavy code ~15% faster than the other
+    (2026-12-07, a tight training loop pinned to each), so an unpinned comparison partly measures which vCPU the
+    scheduler gave each loop."""
+    if cpus == "none" or not hasattr(os, "sched_setaffinity"):
+        return []
+    chosen = sorted(os.sched_getaffinity(0))[-threads:] if cpus == "auto" else [int(c) for c in cpus.split(",")]
+    os.sched_setaffinity(0, chosen)
+    return chosen
+
+
 def median(rows: list[tuple[float, float, float]], i: int) -> float:
     return statistics.median(r[i] for r in rows)
 
@@ -300,6 +313,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared machine)")
+    parser.add_argument("--cpus", default="auto", help="pin this process and pythae's to these CPUs (e.g. 1 or 0,1); "
+                        "auto: one CPU per thread, the last ones; none: no pinning")
     parser.add_argument("--trainer", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--train-subset", type=int, default=None, help="fewer training images (quick runs)")
     parser.add_argument("--pythae-python", default=None, help="interpreter of a venv with pythae 0.1.2: third column")
@@ -311,9 +326,10 @@ def main() -> None:
                         help="only count host syncs per step over STEPS profiled steps")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    cpus = pin(args.cpus, args.threads)
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(f"VAE 784-512-512-(2x{LATENT}), MNIST binarized at 0.5, batch {BATCH}, Adam {LR}, {args.threads} thread(s), "
-          f"{args.trainer}, torch {torch.__version__}, {when}")
+          f"{args.trainer}, torch {torch.__version__}, {when}, CPUs {cpus or 'not pinned'}")
     if args.count_syncs:
         args.seed = args.seeds[0]
         count_syncs(args, args.count_syncs)
