@@ -141,3 +141,17 @@ def test_almond_e_step_reads_a_1d_decoder_from_a_table_and_moves_the_same_chains
         normal_means_almond(True, latent_dim=2)
     with pytest.raises(ConfigError, match="decoder_table must be"):
         normal_means_almond("yes")
+
+
+def test_decoder_table_true_says_once_an_epoch_that_no_table_verified(monkeypatch: pytest.MonkeyPatch,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Every E-step (one per batch) that finds no table moves the chains through the network; the warning is said
+    once an epoch, not once a batch."""
+    monkeypatch.setattr(DecoderTable, "around", classmethod(lambda cls, *a, **k: None))
+    model = normal_means_almond(True)
+    x, index = torch.randn(100, 1, generator=torch.Generator().manual_seed(0)), torch.arange(100)
+    with caplog.at_level("WARNING", logger="latentlab"):
+        for batch in range(3):
+            model.e_step(x, index, torch.Generator().manual_seed(batch))
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ALMOND: no decoder table verified")]
+    assert len(said) == 1 and "at epoch 0" in said[0]

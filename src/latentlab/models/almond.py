@@ -139,6 +139,7 @@ class ALMOND(ChainsPosterior, LatentVariableModel):
                            else int(block_rows))
         self.block_workers = block_workers
         self.decoder_table = decoder_table
+        self._table_warned_epoch = -1  # decoder_table=true warns once per epoch in which no table verifies
         self.store: PersistentChains | None = None  # allocated at train start (or from a checkpoint)
         self.automatic_optimization = False  # up to three optimisers (warm-up, M-step warm-up, M-step), one per phase
         # `num_train` stays out of hparams: loggers merge them with the data module's, which has its own.
@@ -282,9 +283,10 @@ class ALMOND(ChainsPosterior, LatentVariableModel):
                 table = DecoderTable.around(self.model.decoder, z0)
             if table is not None:
                 return table.log_joint(self.model, x), None, table
-            if self.decoder_table is True:
+            if self.decoder_table is True and self._table_warned_epoch != self.current_epoch:
+                self._table_warned_epoch = self.current_epoch
                 log.warning("ALMOND: no decoder table verified within its size limit at epoch %d; moving the "
-                            "chains through the network", self.current_epoch)
+                            "chains through the network (said once an epoch)", self.current_epoch)
         return self.model.joint(x), self.block_rows, None
 
     def m_step_loss(self, x: Tensor, z: Tensor) -> Tensor:
