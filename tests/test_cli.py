@@ -148,6 +148,7 @@ def test_a_refused_command_leaves_no_run_directory(tmp_path: Path) -> None:
     proc, out = train(tmp_path, "data.binarize=dynamc")
     assert proc.returncode == 2 and len(error_lines(proc.stderr)) == 1, proc.stderr[-2000:]
     assert "data.binarize must be one of" in proc.stderr and "Traceback" not in proc.stderr
+    assert "Seed set" not in proc.stdout + proc.stderr  # said only once the config has built
     assert not out.exists()
     proc = run("latentlab.train", "data.binarize=dynamc", cwd=tmp_path)  # Hydra's own timestamped directory
     assert proc.returncode == 2

@@ -358,8 +358,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             run_cfg.data.data_dir = cfg.paths.data_dir
         if cfg.get("data_overrides"):
             run_cfg.data = OmegaConf.merge(run_cfg.data, cfg.data_overrides)
-    if cfg.get("seed") is not None:
-        L.seed_everything(int(cfg.seed), workers=True)
+    if cfg.get("seed") is not None:  # said once the model has loaded: a refused run prints its error alone
+        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = build_datamodule(run_cfg)
     try:
         datamodule.prepare_data()
@@ -379,6 +379,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     # the test pass (AIS, the slow part) shows the same Rich progress as the analyses after it
     bar = [RichProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []
     trainer = build_trainer(cfg, bar, loggers)
+    if cfg.get("seed") is not None:
+        log.info("Seed set to %d", int(cfg.seed))
     trainer.test(model, datamodule=datamodule)
     metrics = scalar_metrics(trainer.callback_metrics)
 

@@ -74,8 +74,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     weights_only = bool(cfg.get("ckpt_weights_only", True))
     if not weights_only and ckpt_path is not None:
         log.warning("ckpt_weights_only=false: unpickling %s in full; this runs any code stored in it", ckpt_path)
-    if cfg.get("seed") is not None:
-        L.seed_everything(int(cfg.seed), workers=True)
+    if cfg.get("seed") is not None:  # said below, once the config has built: a refused one prints its error alone
+        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
     datamodule.setup("fit")  # verify files and sizes now, not mid-run
@@ -85,6 +85,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = build_callbacks(cfg)
     loggers = build_loggers(cfg)
     trainer = build_trainer(cfg, _without_default_summary(cfg, callbacks), loggers)
+    if cfg.get("seed") is not None:
+        log.info("Seed set to %d", int(cfg.seed))
     if resumed is not None:
         log.info("resuming from %s (epoch %s, step %s)", ckpt_path, resumed.get("epoch"), resumed.get("global_step"))
         keep_csv_history(loggers, int(resumed.get("global_step", 0)))
