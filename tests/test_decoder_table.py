@@ -139,8 +139,9 @@ def test_almond_e_step_reads_a_1d_decoder_from_a_table_and_moves_the_same_chains
     assert not model._table_wanted(torch.device("meta"))  # auto: only on CPU, whose range check reads back for free
     with pytest.raises(ConfigError, match="decoder_table=true needs a 1-d latent"):
         normal_means_almond(True, latent_dim=2)
-    with pytest.raises(ConfigError, match="decoder_table must be"):
-        normal_means_almond("yes")
+    for bad in ("yes", 1, 0):  # 1 == True and 0 == False, but only booleans mean true and false
+        with pytest.raises(ConfigError, match="decoder_table must be"):
+            normal_means_almond(bad)
 
 
 def test_decoder_table_true_says_once_an_epoch_that_no_table_verified(monkeypatch: pytest.MonkeyPatch,

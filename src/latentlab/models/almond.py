@@ -47,7 +47,6 @@ CHAIN_INITS = ("auto", "prior", "encoder")
 # activation floats per block for block_rows=auto (1.6 MB): the many-normal-means mixture (a 100-wide layer over 100k
 # rows) runs its epoch 1.8x faster in 4000-row blocks; a 10-wide net is fastest in 40k-row blocks (4096 rows: 0.7x)
 BLOCK_ELEMENTS = 400_000
-DECODER_TABLES = ("auto", True, False)
 # decoder_table=auto: a 1-d latent whose decoder has at most this many outputs (normal means: 1); a table gathers 7 of
 # them in float64 per chain and move, so for an image decoder (784) it costs about what the network does
 TABLE_MAX_OUTPUTS = 64
@@ -110,7 +109,7 @@ class ALMOND(ChainsPosterior, LatentVariableModel):
             raise ConfigError(f"model.num_train must be >= 1 or null, got {num_train}")
         if block_rows not in (None, "auto") and (isinstance(block_rows, str) or int(block_rows) < 1):
             raise ConfigError(f"model.block_rows must be an integer >= 1, auto or null, got {block_rows!r}")
-        if decoder_table not in DECODER_TABLES:
+        if not (decoder_table == "auto" or isinstance(decoder_table, bool)):  # not `in (...)`: 1 == True
             raise ConfigError(f"model.decoder_table must be auto, true or false, got {decoder_table!r}")
         if decoder_table is True and int(latent_dim) != 1:
             raise ConfigError(f"model.decoder_table=true needs a 1-d latent (model.latent_dim=1), got latent_dim="
