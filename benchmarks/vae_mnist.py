@@ -12,7 +12,8 @@ one `fit` of all epochs. The hand-written loop is what a researcher writes: slic
 `torch.optim.Adam(params, lr)` as PyTorch defaults it. pythae (optional, from its own interpreter, see
 `pythae_vae.py`) trains the same networks. The loops take turns epoch by epoch (hand, pythae, latentlab),
 so a slow phase of the shared machine hits all three, on the same pinned CPU(s) (`--cpus`); each epoch is
-timed in wall and process-CPU seconds (CPU time is the steadier number on a loaded machine). Ratios are medians over epochs, to the hand loop.
+timed in wall and process-CPU seconds (CPU time is the steadier number on a loaded machine). Ratios are medians
+over epochs, to the hand loop.
 Then, after equal epochs, the test NLL (importance sampling, k=1000, first 1000 test images) of both models
 and their last-epoch mean training losses (same in distribution: the defaults must not change results).
 `--breakdown` trains variants, each without one default, each against its own interleaved hand epochs.
