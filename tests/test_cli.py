@@ -55,6 +55,20 @@ def test_resume_from_last_checkpoint_continues_training(tmp_path: Path) -> None:
     assert resumed["epoch"] == first["epoch"] + 1
 
 
+def test_lightning_model_checkpoint_with_its_inf_sentinel_saves_and_resumes(tmp_path: Path) -> None:
+    """`callbacks=none` leaves Lightning's own ModelCheckpoint, whose state holds kth_value = inf (mode=min): a
+    sentinel, not divergence, so the finiteness checks on writing and on resuming must let it through."""
+    fast = [o for o in FAST if not o.startswith("callbacks.")]
+    proc, out = train(tmp_path, *fast, "callbacks=none", run_dir="first")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (ckpt,) = (out / "csv").glob("**/checkpoints/*.ckpt")
+    saved = torch.load(ckpt, weights_only=True, map_location="cpu")
+    assert any(torch.isinf(v.get("kth_value", torch.zeros(()))) for v in saved["callbacks"].values())
+    proc2, _ = train(tmp_path, *fast[1:], "callbacks=none", "trainer.max_epochs=2", f"ckpt_path='{ckpt}'",
+                     run_dir="resumed")
+    assert proc2.returncode == 0, proc2.stderr[-3000:]
+
+
 def test_eval_of_a_checkpoint_writes_metrics(tmp_path: Path) -> None:
     proc, out = train(tmp_path, *FAST)
     assert proc.returncode == 0, proc.stderr[-3000:]

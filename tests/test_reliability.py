@@ -437,6 +437,11 @@ def test_checkpoint_writer_is_atomic_and_refuses_non_finite_values(tmp_path: Pat
                             "global_step": 2}, path)
     assert torch.load(path, weights_only=True)["global_step"] == 1
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temp file left by the refused save
+    # inf as a sentinel (ModelCheckpoint's kth_value, EarlyStopping's best_score under mode=min) is not divergence
+    sentinels = {"callbacks": {"ModelCheckpoint{...}": {"kth_value": torch.tensor(float("inf"))}},
+                 "lr_schedulers": [{"best": torch.tensor(float("inf"))}]}
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 3, **sentinels}, path)
+    assert torch.load(path, weights_only=True)["global_step"] == 3
     (path.parent / ".last.ckpt.abc123.tmp").write_bytes(b"half a checkpoint")
     assert len(remove_stale_temp_files(path.parent)) == 1 and [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
     assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())

@@ -37,9 +37,16 @@ def iter_tensors(obj: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]
             yield from iter_tensors(value, f"{path}/{i}")
 
 
+# Sections whose infinities are sentinels by design, not diverged training: ModelCheckpoint's `kth_value` and
+# EarlyStopping's `best_score` start at inf under mode=min, ReduceLROnPlateau's `best` too.
+SENTINEL_SECTIONS = frozenset({"callbacks", "lr_schedulers"})
+
+
 def nonfinite_entries(checkpoint: Mapping[str, Any]) -> list[str]:
-    """Key paths of floating tensors holding NaN or inf (one batched check, then a per-tensor look only on failure)."""
-    floats = [(k, t) for k, t in iter_tensors(checkpoint) if t.is_floating_point() and t.numel()]
+    """Key paths of floating tensors holding NaN or inf in the training state (weights, optimiser moments, chains;
+    not `SENTINEL_SECTIONS`): one batched check, then a per-tensor look only on failure."""
+    floats = [(k, t) for section, value in checkpoint.items() if section not in SENTINEL_SECTIONS
+              for k, t in iter_tensors(value, str(section)) if t.is_floating_point() and t.numel()]
     if not floats:
         return []
     flags = torch.stack([torch.isfinite(t).all().cpu() for _, t in floats])
