@@ -100,6 +100,16 @@ def test_kl_warmup_ramps_beta() -> None:
     assert all(a <= b for a, b in zip(seen, seen[1:]))
 
 
+def test_hook_name_fast_path_leaves_module_registration_alone() -> None:
+    """`_current_fx_name` skips nn.Module's checks (LeanLightningModule); everything else still registers."""
+    model = linear_vae()
+    model._current_fx_name = "training_step"
+    assert model._current_fx_name == "training_step" and "_current_fx_name" not in model._modules
+    model.extra = torch.nn.Linear(2, 2)
+    model.scale = torch.nn.Parameter(torch.ones(()))
+    assert "extra" in dict(model.named_children()) and "scale" in dict(model.named_parameters())
+
+
 def test_latentlab_train_is_the_hand_written_loop_bit_for_bit(tmp_path) -> None:
     """With every default callback on (progress bar, checkpoints, RNG states, NaN guard, logger) and the fused Adam
     latentlab picks, a VAE run equals the loop a researcher writes, given the same init, shuffle and noise: the

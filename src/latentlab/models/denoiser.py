@@ -18,13 +18,12 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import lightning.pytorch as L
 import torch
 from torch import Tensor
 
 import latentlab
 from latentlab.errors import ConfigError
-from latentlab.models.base import OptimizerFactory, SchedulerFactory, check_optimizer_factory
+from latentlab.models.base import LeanLightningModule, OptimizerFactory, SchedulerFactory, check_optimizer_factory
 from latentlab.nets import NetSpec
 from latentlab.optim import lightning_optimizers
 from latentlab.nets.denoiser import NoiseConditionalDenoiser, tweedie_score
@@ -35,7 +34,7 @@ NLL_NOT_AVAILABLE = ("test/nll: not available for model=denoiser (a denoiser giv
                      "likelihood); judge it by sample quality, latentlab-eval eval.samples=N")
 
 
-class Denoiser(L.LightningModule):
+class Denoiser(LeanLightningModule):
     """D_theta(y, sigma) on flat data (batch, data_dim); `score(y, sigma)` is Tweedie's, `sample` runs `sampler`."""
 
     method = "denoiser"
