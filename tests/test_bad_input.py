@@ -39,6 +39,7 @@ def refused(out: Path, *overrides: str) -> LatentlabError:
 BAD_CONFIGS: list[tuple[list[str], type[LatentlabError], str]] = [
     (["model.latent_dim=[1,2"], ConfigError, r"malformed command-line override 'model.latent_dim=\[1,2'.*key=value"),
     (["trainer.max_epochs"], ConfigError, r"malformed command-line override 'trainer.max_epochs'"),
+    (["ckpt_path=runs/a/checkpoints/epoch=3.ckpt"], ConfigError, r"quote values .*here: \"ckpt_path='runs/a/checkpoints/epoch=3.ckpt'\""),
     (["model=nosuchmodel"], ConfigError, r"model/nosuchmodel.*Available options in 'model'.*vae"),
     (["model.latnet_dim=3"], ConfigError, r"Could not override 'model.latnet_dim'"),
     (["+model.latnet_dim=3"], ConfigError, r"model.latnet_dim is not a parameter of latentlab.models.VAE; allowed: .*latent_dim"),

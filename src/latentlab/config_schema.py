@@ -118,9 +118,12 @@ def check_overrides(overrides: Sequence[str]) -> None:
             parser.parse_overrides([text])
         except OverrideParseException as exc:
             detail = str(exc).strip().splitlines()[0]
+            key, _, value = text.partition("=")
+            quoted = (f" (here: \"{key}='{value}'\": checkpoint names such as epoch=3-step=300.ckpt hold '=')"
+                      if "=" in value else "")
             raise ConfigError(f"malformed command-line override {text!r}: {detail}. Overrides look like key=value "
                               "(e.g. trainer.max_epochs=5), +key=value to add a key, ~key to delete one; quote values "
-                              "with spaces or special characters") from None
+                              f"with spaces or special characters{quoted}") from None
 
 
 # ----- type checks --------------------------------------------------------------------------------
