@@ -4,6 +4,7 @@ missing and flaky mirrors; md5 verification, bounded retries, fallback to the ne
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -80,6 +81,9 @@ def test_good_mirror_writes_verified_file(server: _Server, tmp_path: Path) -> No
     body = server.files[LABELS]
     dest = download_file([server.url("good")], LABELS, tmp_path / "sub" / LABELS, _md5(body), size=len(body))
     assert dest.read_bytes() == body and _leftovers(dest.parent) == []
+    umask = os.umask(0)
+    os.umask(umask)
+    assert dest.stat().st_mode & 0o777 == 0o666 & ~umask  # a shared data directory stays readable by the team
 
 
 @pytest.mark.parametrize(("mode", "reason"), [("truncated", "truncated transfer"), ("corrupt", "md5")])

@@ -16,6 +16,7 @@ import torch
 from scipy import linalg
 
 from latentlab.metrics import classifier as clf_mod
+from latentlab import files as files_mod
 from latentlab.metrics.classifier import (DomainClassifier, classifier_paths, load_idx_splits,
                                           load_or_train_classifier, predict_logits)
 from latentlab.metrics.quality import (ClassifierFeatures, ClassifierFID, ClassifierIS, ClassifierKID, Precomputed,
@@ -87,7 +88,7 @@ def test_cache_write_is_atomic(tmp_path, monkeypatch):
     def failing_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(clf_mod.os, "replace", failing_replace)
+    monkeypatch.setattr(files_mod.os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
         load_or_train_classifier("blobs", tmp_path, _blobs, epochs=1, batch_size=32)
     assert list((tmp_path / "blobs").iterdir()) == []  # neither a half-written file nor a temp file

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-from latentlab.builders import compose_config
+from latentlab.builders import compose_config, write_json_atomic
 from latentlab.callbacks.faults import FaultInjector, NumericalGuard
 from latentlab.checkpointing import (
     AtomicCheckpointIO,
@@ -445,6 +445,17 @@ def test_checkpoint_writer_is_atomic_and_refuses_non_finite_values(tmp_path: Pat
     (path.parent / ".last.ckpt.abc123.tmp").write_bytes(b"half a checkpoint")
     assert len(remove_stale_temp_files(path.parent)) == 1 and [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
     assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def test_metrics_json_is_written_whole_and_readable_by_the_team(tmp_path: Path) -> None:
+    """metrics.json (and every other atomic write) gets open()'s permissions, not mkstemp's 0600, and a failed
+    write leaves the previous file and no temp file behind."""
+    path = tmp_path / "metrics.json"
+    write_json_atomic(path, {"test/nll": 85.0})
+    assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    with pytest.raises(TypeError):
+        write_json_atomic(path, {"test/nll": object()})  # not JSON: fails half-way through the dump
+    assert json.loads(path.read_text()) == {"test/nll": 85.0} and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
 def _umask() -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from latentlab.errors import ConfigError, LatentlabError
+from latentlab.files import atomic_file
 
 if TYPE_CHECKING:
     import lightning.pytorch as L
@@ -102,11 +102,9 @@ def write_json_atomic(path: str | Path, payload: Mapping[str, Any]) -> None:
     """Write then rename, so a reader never sees half a metrics file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
+    with atomic_file(path, "w") as fh:
         json.dump(dict(payload), fh, indent=2, sort_keys=True)
         fh.write("\n")
-    os.replace(tmp, path)
 
 
 def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -30,7 +30,6 @@ import os
 import random
 import signal
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from lightning.pytorch.callbacks import Checkpoint
 
 from latentlab.checkpoint_loading import iter_tensors, nonfinite_entries
 from latentlab.errors import ConfigError, NumericalError
+from latentlab.files import atomic_file
 
 log = logging.getLogger("latentlab")
 
@@ -101,17 +101,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} does not take storage_options")
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 & ~umask, as open() would give
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(checkpoint, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_file(target, suffix=TMP_SUFFIX) as fh:
+            torch.save(checkpoint, fh)
         _fsync_dir(target.parent)
 
 

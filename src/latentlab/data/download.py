@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import os
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -18,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from latentlab.errors import DataError
+from latentlab.files import atomic_file
 
 _CHUNK = 1 << 20
 
@@ -32,29 +31,24 @@ class _AttemptFailed(Exception):
 
 def _fetch_once(url: str, dest: Path, md5: str, size: int | None, timeout: float) -> None:
     """Stream `url` to a temporary file next to `dest`, verify length and md5, then `os.replace`."""
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
     try:
         digest, received = hashlib.md5(), 0
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+        with atomic_file(dest, suffix=".part") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             declared = response.headers.get("Content-Length")
             while chunk := response.read(_CHUNK):
                 out.write(chunk)
                 digest.update(chunk)
                 received += len(chunk)
-        if declared is not None and received != int(declared):
-            raise _AttemptFailed(f"{url}: truncated transfer, {received} of {declared} bytes")
-        if size is not None and received != size:
-            raise _AttemptFailed(f"{url}: got {received} bytes, expected {size}")
-        if digest.hexdigest() != md5:
-            raise _AttemptFailed(f"{url}: md5 {digest.hexdigest()} != expected {md5} (corrupted)")
-        os.replace(tmp, dest)
+            if declared is not None and received != int(declared):
+                raise _AttemptFailed(f"{url}: truncated transfer, {received} of {declared} bytes")
+            if size is not None and received != size:
+                raise _AttemptFailed(f"{url}: got {received} bytes, expected {size}")
+            if digest.hexdigest() != md5:
+                raise _AttemptFailed(f"{url}: md5 {digest.hexdigest()} != expected {md5} (corrupted)")
     except urllib.error.HTTPError as exc:
         raise _AttemptFailed(f"{url}: HTTP {exc.code} {exc.reason}", permanent=400 <= exc.code < 500) from exc
     except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
         raise _AttemptFailed(f"{url}: {type(exc).__name__}: {exc}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def download_file(

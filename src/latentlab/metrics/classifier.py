@@ -14,8 +14,6 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -26,6 +24,7 @@ from torchmetrics.functional.classification import multiclass_accuracy
 
 from latentlab.data.idx import read_idx
 from latentlab.errors import DataError
+from latentlab.files import atomic_file
 from latentlab.nets import MLP, ConvEncoder
 from latentlab.progress import progress
 
@@ -157,16 +156,8 @@ def load_idx_splits(directory: str | Path) -> Splits:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     """Temp file in the same directory + os.replace: readers see the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as fh:
+        fh.write(data)
 
 
 def classifier_paths(cache_dir: str | Path, dataset_name: str) -> tuple[Path, Path]:
