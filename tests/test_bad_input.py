@@ -95,6 +95,9 @@ def test_gradient_clip_in_the_trainer_with_a_manual_optimisation_method_points_t
     cfg = compose_config(["+trainer.gradient_clip_val=1.0"])
     with pytest.raises(ConfigError, match="callbacks.numerics.gradient_clip_val"):
         check_model_against_trainer(cfg, Manual())
+    with pytest.raises(ConfigError, match=r"trainer.accumulate_grad_batches=2 does not work with almond .* data.batch_size"):
+        check_model_against_trainer(compose_config(["+trainer.accumulate_grad_batches=2"]), Manual())
+    check_model_against_trainer(compose_config(["+trainer.accumulate_grad_batches=1"]), Manual())
 
 
 # ----- bad files ----------------------------------------------------------------------------------

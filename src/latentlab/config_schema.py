@@ -358,9 +358,16 @@ def _resolved_trainer(cfg: DictConfig) -> dict[str, Any]:
 
 
 def check_model_against_trainer(cfg: DictConfig, model: Any) -> None:
-    """Combinations only the built model can tell: Lightning clips gradients only under automatic optimisation."""
-    clip = (cfg.get("trainer") or {}).get("gradient_clip_val")
-    if clip and not getattr(model, "automatic_optimization", True):
-        raise ConfigError(f"trainer.gradient_clip_val={clip} does not work with {getattr(model, 'method', 'this method')} "
-                          "(it optimises manually, with its own optimisers); use callbacks.numerics.gradient_clip_val "
-                          f"={clip} instead, which clips each optimiser's gradients for every method")
+    """Combinations only the built model can tell: Lightning clips and accumulates gradients only under automatic
+    optimisation."""
+    trainer = cfg.get("trainer") or {}
+    if getattr(model, "automatic_optimization", True):
+        return
+    method = getattr(model, "method", "this method")
+    if clip := trainer.get("gradient_clip_val"):
+        raise ConfigError(f"trainer.gradient_clip_val={clip} does not work with {method} (it optimises manually, with "
+                          f"its own optimisers); use callbacks.numerics.gradient_clip_val={clip} instead, which clips "
+                          "each optimiser's gradients for every method")
+    if (accumulate := trainer.get("accumulate_grad_batches") or 1) != 1:
+        raise ConfigError(f"trainer.accumulate_grad_batches={accumulate} does not work with {method} (it optimises "
+                          "manually, with its own optimisers, one step a batch); raise data.batch_size instead")
