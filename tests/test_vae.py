@@ -100,6 +100,28 @@ def test_kl_warmup_ramps_beta() -> None:
     assert all(a <= b for a, b in zip(seen, seen[1:]))
 
 
+def test_sanity_check_runs_the_estimator_on_two_examples_and_logs_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning's sanity check exercises val/nll's estimator on SANITY_EXAMPLES examples (a whole batch of AIS with
+    a conv decoder took minutes on a CPU before the first step); the epoch's validation estimates the whole batch."""
+    import latentlab.models.base as base
+
+    seen: list[tuple[bool, int]] = []
+    real = base.estimate_log_px
+
+    def spy(model, x, posterior, settings, generator):  # type: ignore[no-untyped-def]
+        seen.append((trainer.sanity_checking, x.shape[0]))
+        return real(model, x, posterior, settings, generator)
+
+    monkeypatch.setattr(base, "estimate_log_px", spy)
+    _, x = ppca_data()
+    loader = DataLoader(TensorDataset(x[:300], torch.arange(300)), batch_size=100)
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(linear_vae(), loader, loader)
+    assert seen == [(True, base.SANITY_EXAMPLES), (False, 100)]
+    assert "val/nll" in trainer.callback_metrics
+
+
 def test_hook_name_fast_path_leaves_module_registration_alone() -> None:
     """`_current_fx_name` skips nn.Module's checks (LeanLightningModule); everything else still registers."""
     model = linear_vae()

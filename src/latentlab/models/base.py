@@ -85,6 +85,10 @@ class LikelihoodSpec:
         return GaussianLikelihood(data_dim, self.variance, self.learn_variance, self.per_sample)
 
 
+#: examples of a batch whose log p(x) Lightning's sanity check estimates: enough to run the estimator's code path
+#: (AIS with a conv decoder on a CPU takes minutes for a whole batch, before the first training step)
+SANITY_EXAMPLES = 2
+
 class LeanLightningModule(L.LightningModule):
     """A LightningModule whose hook-name bookkeeping is a plain attribute.
 
@@ -196,6 +200,8 @@ class LatentVariableModel(LeanLightningModule):
         for name, value in stats.items():
             self.log(f"{stage}/{name}", value, on_step=False, on_epoch=True, batch_size=x.shape[0], sync_dist=True)
         if self._nll_due(stage, batch_idx):
+            if self._sanity_checking():  # exercise the estimator before training, not pay its full cost there
+                x, index = x[:SANITY_EXAMPLES], None if index is None else index[:SANITY_EXAMPLES]
             estimate = self.log_px(x, index, stage, self.eval_generator(stage, batch_idx, x.device))
             (self.val_loglik if stage == "val" else self.test_loglik).update(estimate.log_px, estimate.log_px_half)
             self.nll_report[stage] = {"estimator": estimate.estimator, "budget": estimate.budget,
@@ -210,9 +216,12 @@ class LatentVariableModel(LeanLightningModule):
             return every > 0 and (self.current_epoch + 1) % every == 0
         return True
 
+    def _sanity_checking(self) -> bool:
+        return self._trainer is not None and self._trainer.sanity_checking
+
     def _log_loglik(self, stage: str) -> None:
         metric = self.val_loglik if stage == "val" else self.test_loglik
-        if metric.count > 0:
+        if metric.count > 0 and not self._sanity_checking():
             result = metric.compute()
             for name, value in result.items():
                 self.log(f"{stage}/{name}", value, sync_dist=False)
