@@ -154,12 +154,6 @@ def load_idx_splits(directory: str | Path) -> Splits:
     return x_train, y_train, x_test, y_test
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Temp file in the same directory + os.replace: readers see the old file or the new one, never half of one."""
-    with atomic_file(path) as fh:
-        fh.write(data)
-
-
 def classifier_paths(cache_dir: str | Path, dataset_name: str) -> tuple[Path, Path]:
     """(<cache_dir>/<dataset>/classifier.pt, .../classifier.json)."""
     root = Path(cache_dir) / dataset_name
@@ -214,9 +208,11 @@ def load_or_train_classifier(dataset_name: str, cache_dir: str | Path, loader_fn
     torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buf)
     blob = buf.getvalue()
     weights.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(weights, blob)
+    with atomic_file(weights) as fh:  # readers see the old file or the new one, never half of one
+        fh.write(blob)
     meta = {"fingerprint": fingerprint, "test_accuracy": acc, "sha256": hashlib.sha256(blob).hexdigest(), "arch": model.config}
-    _atomic_write(meta_path, json.dumps(meta, indent=2).encode())
+    with atomic_file(meta_path) as fh:
+        fh.write(json.dumps(meta, indent=2).encode())
     log.info("trained %s classifier: test accuracy %.4f, cached at %s", dataset_name, acc, weights)
     return model, acc
 

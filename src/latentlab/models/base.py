@@ -89,6 +89,7 @@ class LikelihoodSpec:
 #: (AIS with a conv decoder on a CPU takes minutes for a whole batch, before the first training step)
 SANITY_EXAMPLES = 2
 
+
 class LeanLightningModule(L.LightningModule):
     """A LightningModule whose hook-name bookkeeping is a plain attribute.
 
@@ -201,7 +202,7 @@ class LatentVariableModel(LeanLightningModule):
             self.log(f"{stage}/{name}", value, on_step=False, on_epoch=True, batch_size=x.shape[0], sync_dist=True)
         if self._nll_due(stage, batch_idx):
             if self._sanity_checking():  # exercise the estimator before training, not pay its full cost there
-                x, index = x[:SANITY_EXAMPLES], None if index is None else index[:SANITY_EXAMPLES]
+                x, index = x[:SANITY_EXAMPLES], index[:SANITY_EXAMPLES]
             estimate = self.log_px(x, index, stage, self.eval_generator(stage, batch_idx, x.device))
             (self.val_loglik if stage == "val" else self.test_loglik).update(estimate.log_px, estimate.log_px_half)
             self.nll_report[stage] = {"estimator": estimate.estimator, "budget": estimate.budget,
