@@ -13,7 +13,8 @@ one `fit` of all epochs. The hand-written loop is what a researcher writes: slic
 `pythae_vae.py`) trains the same networks. The loops take turns epoch by epoch (hand, pythae, latentlab),
 so a slow phase of the shared machine hits all three, on the same pinned CPU(s) (`--cpus`); each epoch is
 timed in wall and process-CPU seconds (CPU time is the steadier number on a loaded machine). Ratios are medians
-over epochs, to the hand loop.
+over epochs of each epoch's time over the hand loop's epoch of the same turn (paired, so the machine's drift
+cancels).
 Then, after equal epochs, the test NLL (importance sampling, k=1000, first 1000 test images) of both models
 and their last-epoch mean training losses (same in distribution: the defaults must not change results).
 `--breakdown` trains variants, each without one default, each against its own interleaved hand epochs.
@@ -22,12 +23,14 @@ and their last-epoch mean training losses (same in distribution: the defaults mu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +154,21 @@ class Pythae:
         self.log.close()
 
 
+@contextlib.contextmanager
+def script_defaults() -> Iterator[None]:
+    """Run a hand-written loop as a script of its own runs: without the deterministic mode (and its flags) that
+    latentlab's Trainer switches on for the whole process."""
+    det, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(False)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(det, warn_only=warn)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
 class TakeTurns(L.Callback):
     """Times latentlab's epochs (wall and CPU, epoch start to the next epoch's start, so the checkpoint
     written at each epoch's end counts) and runs the other loops' epochs in between, untimed here."""
@@ -173,7 +191,8 @@ class TakeTurns(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._stop()
         for name, other in self.others.items():
-            self.times[name].append(other.epoch())
+            with script_defaults():
+                self.times[name].append(other.epoch())
         self._loss, self._batches = None, 0
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -299,16 +318,24 @@ def median(rows: list[tuple[float, float, float]], i: int) -> float:
     return statistics.median(r[i] for r in rows)
 
 
-def print_table(title: str, times: dict[str, list]) -> None:
+def paired_ratio(rows: list[tuple[float, float, float]], base: list[tuple[float, float, float]], i: int) -> float:
+    """Median over epochs of each epoch's time over the `base` epoch run just before it: the machine's slow and fast
+    phases (+-15% here within minutes) then cancel in each pair instead of landing on one loop's median."""
+    return statistics.median(r[i] / b[i] for r, b in zip(rows, base, strict=True))
+
+
+def print_table(title: str, times: dict[str, list], base: dict[str, list] | None = None) -> None:
+    """Medians and paired ratios to the hand loop; `base` gives a row its own interleaved hand epochs (default: "hand")."""
     print(f"\n{title}")
-    print(f"{'loop':<24}{'epochs':>7}{'wall s/epoch':>14}{'ratio':>7}{'cpu s/epoch':>13}{'ratio':>7}{'last loss':>11}")
-    hand_wall, hand_cpu = median(times["hand"], 0), median(times["hand"], 1)
+    print(f"{'loop':<30}{'epochs':>7}{'wall s/epoch':>14}{'ratio':>7}{'cpu s/epoch':>13}{'ratio':>7}{'last loss':>11}")
     for name, rows in times.items():
-        wall, cpu = median(rows, 0), median(rows, 1)
-        print(f"{name:<24}{len(rows):>7}{wall:>14.2f}{wall / hand_wall:>7.2f}{cpu:>13.2f}{cpu / hand_cpu:>7.2f}{rows[-1][2]:>11.2f}")
+        hand = (base or {}).get(name, times.get("hand", rows))
+        print(f"{name:<30}{len(rows):>7}{median(rows, 0):>14.2f}{paired_ratio(rows, hand, 0):>7.2f}{median(rows, 1):>13.2f}"
+              f"{paired_ratio(rows, hand, 1):>7.2f}{rows[-1][2]:>11.2f}")
     if "pythae" in times and "latentlab" in times:  # the goal's other ratio, printed rather than left to divide
         lab, pyt = times["latentlab"], times["pythae"]
-        print(f"latentlab / pythae: {median(lab, 0) / median(pyt, 0):.2f} wall, {median(lab, 1) / median(pyt, 1):.2f} cpu")
+        print(f"latentlab / pythae: {paired_ratio(lab, pyt, 0):.2f} wall, {paired_ratio(lab, pyt, 1):.2f} cpu "
+              "(median over epochs, each latentlab epoch over the pythae epoch just before it)")
 
 
 def main() -> None:
@@ -348,12 +375,13 @@ def main() -> None:
         if args.nll_n:
             nll(args, model, hand, dm)
         if args.breakdown:
-            rows = {"hand": [], **{f"latentlab {k}": [] for k in ["defaults", *BREAKDOWN]}}
+            rows: dict[str, list] = {}
+            base: dict[str, list] = {}
             for name, extra in [("defaults", []), *BREAKDOWN.items()]:
                 variant, _, _, _ = run_variant(args, extra, None)
-                rows["hand"] += variant["hand"]
-                rows[f"latentlab {name}"] = variant["latentlab"]
-            print_table(f"seed {seed}: breakdown (each variant drops one default; hand = all interleaved hand epochs)", rows)
+                rows[f"latentlab {name}"], base[f"latentlab {name}"] = variant["latentlab"], variant["hand"]
+            print_table(f"seed {seed}: breakdown (each variant drops one default; ratios to its own interleaved hand epochs)",
+                        rows, base)
     print_losses(losses, args.epochs)
 
 

@@ -154,6 +154,7 @@ def test_latentlab_train_is_the_hand_written_loop_bit_for_bit(tmp_path) -> None:
     class Record(L.Callback):
         def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             self.rng, self.init, self.losses = torch.get_rng_state(), copy.deepcopy(pl_module), []
+            self.flags = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
 
         def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, i) -> None:
             self.losses.append(outputs["loss"].detach().clone())
@@ -180,6 +181,27 @@ def test_latentlab_train_is_the_hand_written_loop_bit_for_bit(tmp_path) -> None:
             opt.step()
             losses.append(loss.detach())
     assert len(losses) == len(record.losses) == 2 * -(-len(x) // cfg.data.batch_size)
+    assert record.flags == (True, False)  # deterministic kernels, no NaN fill of new tensors: still the same numbers
     assert torch.equal(torch.stack(losses), torch.stack(record.losses))
     for ours, theirs in zip([*dec.parameters(), *enc.parameters()], [*model.model.decoder.parameters(), *model.encoder.net.parameters()]):
         assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("fill", [None, True])
+def test_fill_uninitialized_memory_follows_the_config(tmp_path, fill) -> None:
+    """trainer.deterministic would have torch NaN-fill every new tensor (a memory pass over each activation and
+    gradient); latentlab turns that fill off unless `fill_uninitialized_memory=true` asks for it."""
+    from latentlab.builders import build_trainer, compose_config, resolve_paths
+
+    cfg = compose_config([] if fill is None else [f"fill_uninitialized_memory={str(fill).lower()}"], output_dir=tmp_path)
+    resolve_paths(cfg)
+    before = torch.utils.deterministic.fill_uninitialized_memory
+    try:
+        torch.utils.deterministic.fill_uninitialized_memory = not bool(fill)
+        build_trainer(cfg, [], [])
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.utils.deterministic.fill_uninitialized_memory is bool(fill)
+        if fill:  # what the switch controls: a new tensor's contents under deterministic mode
+            assert torch.isnan(torch.empty(8)).all()
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = before

@@ -38,6 +38,7 @@ TOP_LEVEL: dict[str, Any] = {
     "train": bool,
     "test": bool,
     "optimized_metric": str | None,
+    "fill_uninitialized_memory": bool,
 }
 SECTIONS = ("data", "net", "model", "sampler", "trainer", "callbacks", "logger", "paths", "eval", "hydra", "experiment",
             "hparams_search")
