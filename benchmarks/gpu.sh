@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14, goal 5: the speed benchmarks with trainer=gpu, in one prepared script (about 6 minutes on one GPU).
+# Issue 14, goal 5: the speed benchmarks with trainer=gpu, in one prepared script (about 7 minutes on one GPU).
 #
 #   bash benchmarks/gpu.sh [DATA_DIR]        # from the repository root, on a machine with a CUDA GPU
 #
@@ -28,8 +28,8 @@ part() {  # part SECONDS TITLE COMMAND...
   timeout "$limit" "$@" 2>&1 | grep -v -E '━|│|┃|┏|┡|└|Warning|warn' || echo "=== $title: failed or timed out"
 }
 V="python benchmarks/vae_mnist.py --data-dir $DATA_DIR --trainer gpu --threads 4"
-part 120 "VAE, 32-true: hand loop vs latentlab-train (3 epochs each, taking turns)" $V --epochs 3
-part 100 "VAE, bf16-mixed (loss and NLL must match 32-true within noise)" $V --epochs 3 --override trainer.precision=bf16-mixed
+part 150 "VAE, 32-true: hand loop (in process and as a script) vs latentlab-train (3 epochs each, taking turns)" $V --epochs 3
+part 130 "VAE, bf16-mixed (loss and NLL must match 32-true within noise)" $V --epochs 3 --override trainer.precision=bf16-mixed
 part 60 "host syncs per step: VAE training" $V --count-syncs 20
 part 90 "host syncs per step: ALMOND (Langevin E-step inside each step)" $V --count-syncs 10 \
   --override model=almond model.vae_epochs=0

@@ -3,7 +3,7 @@
 Run by `benchmarks/vae_mnist.py --pythae-python PATH` with the interpreter of a virtual environment that
 has pythae (it is not a latentlab dependency). The parent sends "go" before each of its own epochs, so
 the three loops take turns epoch by epoch on the shared machine. Each epoch answers one line:
-`epoch <wall seconds> <cpu seconds> <mean training loss>`; the timed span is pythae's own epoch
+`epoch <wall seconds> <cpu seconds> <mean training loss> <minor page faults per step>`; the timed span is pythae's own epoch
 (on_epoch_begin to on_epoch_end: its train_step over the loader and its copy of the best model).
 With `--nll-k K` it times `get_nll(data, K)` instead (estimators_speed.py) and prints `nll_seconds S`.
 """
@@ -11,6 +11,8 @@ With `--nll-k K` it times `get_nll(data, K)` instead (estimators_speed.py) and p
 from __future__ import annotations
 
 import argparse
+import math
+import resource
 import sys
 import tempfile
 import time
@@ -52,16 +54,25 @@ class Decoder(BaseDecoder):
 class Turns(TrainingCallback):
     """Wait for the parent's "go" before each epoch and report the epoch's times after it."""
 
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
     def on_epoch_begin(self, training_config: BaseTrainerConfig, **kwargs: object) -> None:
         if sys.stdin.readline().strip() != "go":
             raise SystemExit(0)
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        self.wall, self.cpu, self.faults = time.perf_counter(), time.process_time(), self._faults()
 
     def on_epoch_end(self, training_config: BaseTrainerConfig, **kwargs: object) -> None:
         self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+        self.faults = (self._faults() - self.faults) / self.steps
+
+    @staticmethod
+    def _faults() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
     def on_log(self, training_config: BaseTrainerConfig, logs: dict, **kwargs: object) -> None:
-        print(f"epoch {self.wall:.4f} {self.cpu:.4f} {float(logs.get('train_epoch_loss', float('nan'))):.4f}", flush=True)
+        loss = float(logs.get("train_epoch_loss", float("nan")))
+        print(f"epoch {self.wall:.4f} {self.cpu:.4f} {loss:.4f} {self.faults:.4f}", flush=True)
 
 
 def main() -> None:
@@ -91,7 +102,8 @@ def main() -> None:
                                learning_rate=args.lr, per_device_train_batch_size=args.batch, optimizer_cls="Adam",
                                steps_saving=None, keep_best_on_train=True, seed=args.seed,
                                no_cuda=args.device == "cpu")
-    trainer = BaseTrainer(model=model, train_dataset=BaseDataset(x, torch.zeros(len(x))), training_config=config, callbacks=[Turns()])
+    trainer = BaseTrainer(model=model, train_dataset=BaseDataset(x, torch.zeros(len(x))), training_config=config,
+                          callbacks=[Turns(math.ceil(len(x) / args.batch))])
     print("ready", flush=True)
     trainer.train()
 

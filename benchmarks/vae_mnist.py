@@ -8,10 +8,13 @@
 The model of issue 14: VAE 784-512-512-(2x32), Bernoulli decoder, MNIST 60k statically binarized at 0.5,
 batch 128, Adam 1e-3, no validation. latentlab runs as `latentlab-train` builds it, default callbacks
 included (progress bar, model summary, atomic checkpoint at epoch ends 30 s apart, RNG states, NaN guard, CSV logger),
-one `fit` of all epochs. The hand-written loop is what a researcher writes: slices of the same tensor,
-`torch.optim.Adam(params, lr)` as PyTorch defaults it. pythae (optional, from its own interpreter, see
-`pythae_vae.py`) trains the same networks. The loops take turns epoch by epoch (hand, pythae, latentlab),
-so a slow phase of the shared machine hits all three, on the same pinned CPU(s) (`--cpus`); each epoch is
+one `fit` of all epochs. The hand-written loop is what a researcher writes (`hand_vae.py`): slices of the same
+tensor, `torch.optim.Adam(params, lr)` as PyTorch defaults it, from latentlab's initial weights. It runs twice:
+inside this process ("hand", the strict baseline: this process's heap is already laid out) and as a script of
+its own ("hand script", what `python my_vae.py` runs; the faults/step column shows what that costs it). pythae
+(optional, from its own interpreter, see `pythae_vae.py`) trains the same networks. The loops take turns epoch
+by epoch (hand, hand script, pythae, latentlab), so a slow phase of the shared machine hits them all, on the same
+pinned CPU(s) (`--cpus`); each epoch is
 timed in wall and process-CPU seconds (CPU time is the steadier number on a loaded machine). Ratios are medians
 over epochs of each epoch's time over the hand loop's epoch of the same turn (paired, so the machine's drift
 cancels).
@@ -28,6 +31,7 @@ import math
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -36,8 +40,8 @@ from typing import Any
 
 import lightning.pytorch as L
 import torch
-from torch import nn
 
+from hand_vae import BATCH, LATENT, LR, HandLoop, minor_faults  # this script's folder is on sys.path
 from latentlab.builders import build_callbacks, build_datamodule, build_loggers, build_model, build_trainer, compose_config, resolve_paths
 
 
@@ -55,7 +59,6 @@ def is_log_px(log_joint: Any, x: torch.Tensor, mean: torch.Tensor, log_var: torc
         q = torch.distributions.Independent(torch.distributions.Normal(mean, torch.exp(0.5 * log_var)), 1)
         return importance_sampling_log_likelihood(log_joint, q, x, k=k, chunk_size=chunk_size, generator=generator)
 
-LATENT, BATCH, LR = 32, 128, 1e-3
 BREAKDOWN = {  # variant -> overrides on top of the defaults: what each default costs
     "no progress bar": ["callbacks.progress_bar=null"],
     "no NaN guard": ["callbacks.numerics=null"],
@@ -66,90 +69,35 @@ BREAKDOWN = {  # variant -> overrides on top of the defaults: what each default 
 }
 
 
-class PlainVAE(nn.Module):
-    """The same network written by hand: what a researcher would write without a framework."""
+class Worker:
+    """A loop in an interpreter of its own (pythae_vae.py, hand_vae.py), one epoch per `epoch()`."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.enc = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 2 * LATENT))
-        self.dec = nn.Sequential(nn.Linear(LATENT, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 784))
-
-    def loss(self, x: torch.Tensor) -> torch.Tensor:
-        mu, log_var = self.enc(x).chunk(2, -1)
-        z = mu + torch.exp(0.5 * log_var) * torch.randn_like(mu)
-        recon = -nn.functional.binary_cross_entropy_with_logits(self.dec(z), x, reduction="none").sum(-1)
-        kl = 0.5 * (mu.pow(2) + log_var.exp() - 1 - log_var).sum(-1)
-        return -(recon - kl).mean()
-
-    def log_joint(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        logits = self.dec(z)
-        lik = -nn.functional.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
-        return lik - 0.5 * (z.pow(2).sum(-1) + LATENT * math.log(2 * math.pi))
-
-    def gaussian(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q(z|x)'s mean and log-variance."""
-        mu, log_var = self.enc(x).chunk(2, -1)
-        return mu, log_var
-
-
-class HandLoop:
-    """The hand-written loop; `epoch()` trains one epoch and returns (wall s, cpu s, mean loss).
-
-    Given `like` (latentlab's VAE before training), it starts from the same weights, so the two runs differ
-    only in their shuffles and noise draws: their losses then differ by that noise alone, not also by the
-    init (tested: with the same init, order and noise, latentlab's training is this loop bit for bit).
-    """
-
-    def __init__(self, x: torch.Tensor, device: torch.device, seed: int, like: Any = None) -> None:
-        torch.manual_seed(seed)
-        self.x, self.model = x, PlainVAE().to(device)
-        if like is not None:
-            self.model.enc.load_state_dict(like.encoder.net.state_dict())
-            self.model.dec.load_state_dict(like.model.decoder.state_dict())
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=LR)
-
-    def epoch(self) -> tuple[float, float, float]:
-        wall, cpu = time.perf_counter(), time.process_time()
-        perm, total = torch.randperm(self.x.shape[0], device=self.x.device), torch.zeros((), device=self.x.device)
-        for i in range(0, self.x.shape[0], BATCH):
-            self.opt.zero_grad(set_to_none=True)
-            loss = self.model.loss(self.x[perm[i: i + BATCH]])
-            loss.backward()
-            self.opt.step()
-            total += loss.detach()
-        mean = float(total) / math.ceil(self.x.shape[0] / BATCH)
-        return time.perf_counter() - wall, time.process_time() - cpu, mean
-
-
-class Pythae:
-    """pythae in its own interpreter, one epoch per `epoch()` (see pythae_vae.py)."""
-
-    def __init__(self, python: str, x: torch.Tensor, epochs: int, args: argparse.Namespace, seed: int) -> None:
-        path = Path(tempfile.mkdtemp(prefix="latentlab-bench-")) / "train.pt"
-        torch.save(x.cpu(), path)
-        cmd = [python, str(Path(__file__).with_name("pythae_vae.py")), "--data", str(path), "--epochs", str(epochs),
-               "--batch", str(BATCH), "--lr", str(LR), "--latent", str(LATENT), "--threads", str(args.threads),
-               "--seed", str(seed), "--device", "cuda" if args.trainer == "gpu" else "cpu"]
-        self.log = open(path.with_suffix(".log"), "w")
+    def __init__(self, name: str, python: str, script: str, args: list[str]) -> None:
+        self.name = name
+        log = Path(tempfile.mkdtemp(prefix="latentlab-bench-")) / f"{script}.log"
+        self.log = open(log, "w")
+        cmd = [python, str(Path(__file__).with_name(script)), *args]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
         if self._line() != "ready":
-            raise RuntimeError(f"pythae did not start; see {self.log.name}")
+            raise RuntimeError(f"{name} did not start; see {self.log.name}")
 
     def _line(self) -> str:
         assert self.proc.stdout is not None
         return self.proc.stdout.readline().strip()
 
-    def epoch(self) -> tuple[float, float, float]:
+    def epoch(self) -> tuple[float, ...]:
+        """(wall s, cpu s, mean loss, minor page faults a step)."""
         assert self.proc.stdin is not None
         self.proc.stdin.write("go\n")
         self.proc.stdin.flush()
         line = self._line()
         if not line.startswith("epoch "):
-            raise RuntimeError(f"pythae failed: {line!r}; see {self.log.name}")
-        wall, cpu, loss = (float(v) for v in line.split()[1:])
-        return wall, cpu, loss
+            raise RuntimeError(f"{self.name} failed: {line!r}; see {self.log.name}")
+        return tuple(float(v) for v in line.split()[1:])
 
     def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()  # hand_vae.py stops at the end of its input; pythae after its last epoch
         self.proc.wait(timeout=120)
         self.log.close()
 
@@ -175,8 +123,8 @@ class TakeTurns(L.Callback):
 
     def __init__(self, others: dict[str, Any]) -> None:
         self.others = others
-        self.times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in ["latentlab", *others]}
-        self._start: tuple[float, float] | None = None
+        self.times: dict[str, list[tuple[float, ...]]] = {name: [] for name in ["latentlab", *others]}
+        self._start: tuple[float, float, int] | None = None
         self._loss: torch.Tensor | None = None
         self._batches = 0
 
@@ -184,8 +132,10 @@ class TakeTurns(L.Callback):
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # a GPU epoch ends when its queued work does
         if self._start is not None:
-            loss = float(self._loss) / max(1, self._batches) if self._loss is not None else float("nan")
-            self.times["latentlab"].append((time.perf_counter() - self._start[0], time.process_time() - self._start[1], loss))
+            steps = max(1, self._batches)
+            loss = float(self._loss) / steps if self._loss is not None else float("nan")
+            self.times["latentlab"].append((time.perf_counter() - self._start[0], time.process_time() - self._start[1], loss,
+                                            (minor_faults() - self._start[2]) / steps))
             self._start = None
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -196,7 +146,7 @@ class TakeTurns(L.Callback):
         self._loss, self._batches = None, 0
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self._start = (time.perf_counter(), time.process_time())
+        self._start = (time.perf_counter(), time.process_time(), minor_faults())
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -222,8 +172,9 @@ def compose(args: argparse.Namespace, extra: list[str]) -> Any:
     return cfg
 
 
-def run_variant(args: argparse.Namespace, extra: list[str], pythae: str | None) -> tuple[dict[str, list], Any, Any, Any]:
-    """One `fit` of latentlab with `extra` overrides, the hand loop (and pythae) taking turns with it."""
+def run_variant(args: argparse.Namespace, extra: list[str], workers: bool) -> tuple[dict[str, list], Any, Any, Any]:
+    """One `fit` of latentlab with `extra` overrides, the hand loop taking turns with it; with `workers`, also the
+    hand loop as a script of its own and pythae (given `--pythae-python`), each in its own interpreter."""
     L.seed_everything(args.seed, workers=True, verbose=False)
     cfg = compose(args, extra)
     dm = build_datamodule(cfg)
@@ -232,14 +183,26 @@ def run_variant(args: argparse.Namespace, extra: list[str], pythae: str | None) 
     model = build_model(cfg, dm)
     device = torch.device("cuda" if args.trainer == "gpu" else "cpu")
     x = dm.data("train").to(device)  # the very tensor latentlab trains on
-    others: dict[str, Any] = {"hand": HandLoop(x, device, args.seed, like=model)}
-    if pythae:
-        others["pythae"] = Pythae(pythae, x, args.epochs, args, args.seed)
+    init = {**{f"enc.{k}": v for k, v in model.encoder.net.state_dict().items()},
+            **{f"dec.{k}": v for k, v in model.model.decoder.state_dict().items()}}
+    others: dict[str, Any] = {"hand": HandLoop(x, device, args.seed, init)}
+    if workers:
+        files = Path(tempfile.mkdtemp(prefix="latentlab-bench-"))
+        torch.save(x.cpu(), files / "train.pt")
+        torch.save(init, files / "init.pt")
+        common = ["--data", str(files / "train.pt"), "--threads", str(args.threads), "--seed", str(args.seed),
+                  "--device", device.type]
+        others["hand script"] = Worker("hand script", sys.executable, "hand_vae.py", [*common, "--init", str(files / "init.pt")])
+        if args.pythae_python:
+            others["pythae"] = Worker("pythae", args.pythae_python, "pythae_vae.py",
+                                      [*common, "--epochs", str(args.epochs), "--batch", str(BATCH), "--lr", str(LR),
+                                       "--latent", str(LATENT)])
     turns = TakeTurns(others)
     trainer = build_trainer(cfg, [*build_callbacks(cfg), turns], build_loggers(cfg))
     trainer.fit(model, datamodule=dm)
-    if "pythae" in others:
-        others["pythae"].close()
+    for other in others.values():
+        if isinstance(other, Worker):
+            other.close()
     return turns.times, model, others["hand"], dm
 
 
@@ -314,11 +277,11 @@ def pin(cpus: str, threads: int) -> list[int]:
     return chosen
 
 
-def median(rows: list[tuple[float, float, float]], i: int) -> float:
+def median(rows: list[tuple[float, ...]], i: int) -> float:
     return statistics.median(r[i] for r in rows)
 
 
-def paired_ratio(rows: list[tuple[float, float, float]], base: list[tuple[float, float, float]], i: int) -> float:
+def paired_ratio(rows: list[tuple[float, ...]], base: list[tuple[float, ...]], i: int) -> float:
     """Median over epochs of each epoch's time over the `base` epoch run just before it: the machine's slow and fast
     phases (+-15% here within minutes) then cancel in each pair instead of landing on one loop's median."""
     return statistics.median(r[i] / b[i] for r, b in zip(rows, base, strict=True))
@@ -327,15 +290,17 @@ def paired_ratio(rows: list[tuple[float, float, float]], base: list[tuple[float,
 def print_table(title: str, times: dict[str, list], base: dict[str, list] | None = None) -> None:
     """Medians and paired ratios to the hand loop; `base` gives a row its own interleaved hand epochs (default: "hand")."""
     print(f"\n{title}")
-    print(f"{'loop':<30}{'epochs':>7}{'wall s/epoch':>14}{'ratio':>7}{'cpu s/epoch':>13}{'ratio':>7}{'last loss':>11}")
+    print(f"{'loop':<30}{'epochs':>7}{'wall s/epoch':>14}{'ratio':>7}{'cpu s/epoch':>13}{'ratio':>7}{'last loss':>11}"
+          f"{'faults/step':>13}")
     for name, rows in times.items():
         hand = (base or {}).get(name, times.get("hand", rows))
         print(f"{name:<30}{len(rows):>7}{median(rows, 0):>14.2f}{paired_ratio(rows, hand, 0):>7.2f}{median(rows, 1):>13.2f}"
-              f"{paired_ratio(rows, hand, 1):>7.2f}{rows[-1][2]:>11.2f}")
-    if "pythae" in times and "latentlab" in times:  # the goal's other ratio, printed rather than left to divide
-        lab, pyt = times["latentlab"], times["pythae"]
-        print(f"latentlab / pythae: {paired_ratio(lab, pyt, 0):.2f} wall, {paired_ratio(lab, pyt, 1):.2f} cpu "
-              "(median over epochs, each latentlab epoch over the pythae epoch just before it)")
+              f"{paired_ratio(rows, hand, 1):>7.2f}{rows[-1][2]:>11.2f}{median(rows, 3):>13.0f}")
+    for other in ("hand script", "pythae"):  # the goal's other ratios, printed rather than left to divide
+        if other in times and "latentlab" in times:
+            lab, them = times["latentlab"], times[other]
+            print(f"latentlab / {other}: {paired_ratio(lab, them, 0):.2f} wall, {paired_ratio(lab, them, 1):.2f} cpu "
+                  f"(median over epochs, each latentlab epoch over the {other} epoch just before it)")
 
 
 def main() -> None:
@@ -368,7 +333,7 @@ def main() -> None:
     losses: dict[str, list[float]] = {}
     for seed in args.seeds:
         args.seed = seed
-        times, model, hand, dm = run_variant(args, [], args.pythae_python)
+        times, model, hand, dm = run_variant(args, [], True)
         for name, rows in times.items():
             losses.setdefault(name, []).append(rows[-1][2])
         print_table(f"seed {seed}: latentlab-train defaults (goal: <= 1.05x hand, <= 0.87x pythae)", times)
@@ -378,7 +343,7 @@ def main() -> None:
             rows: dict[str, list] = {}
             base: dict[str, list] = {}
             for name, extra in [("defaults", []), *BREAKDOWN.items()]:
-                variant, _, _, _ = run_variant(args, extra, None)
+                variant, _, _, _ = run_variant(args, extra, False)
                 rows[f"latentlab {name}"], base[f"latentlab {name}"] = variant["latentlab"], variant["hand"]
             print_table(f"seed {seed}: breakdown (each variant drops one default; ratios to its own interleaved hand epochs)",
                         rows, base)

@@ -22,6 +22,7 @@ def test_vae_benchmark_prints_the_table_and_equal_epoch_nlls(repo_root: Path, sh
     out = _run(repo_root, "vae_mnist.py", "--data-dir", str(shared_data_dir), "--train-subset", "512", "--epochs", "2",
                "--nll-n", "20", "--nll-k", "10", "--override", "callbacks.progress_bar=null")
     assert "hand " in out and "latentlab " in out and "after 2 epochs each" in out
+    assert "hand script " in out and "latentlab / hand script:" in out  # the same loop as a script of its own
 
 
 @pytest.mark.slow
