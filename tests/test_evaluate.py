@@ -173,6 +173,11 @@ def test_train_classifier_command_caches_and_reuses(tmp_path: Path) -> None:
     ("eval.gap.local_lr=0", "local_lr"),
     ("eval.grid.resolution=1", "eval.grid"),
     ("eval.quality.generated=pixels", "eval.quality.generated"),
+    # the top level and the trainer, as latentlab-train checks them: a typo must not read as true, or be dropped
+    ("fill_uninitialized_memory=maybe", "fill_uninitialized_memory must be true or false, got 'maybe'"),
+    ("seed=abc", "seed must be an integer"),
+    ("+sed=1", r"unknown top-level config key\(s\) sed"),
+    ("+trainer.limit_test_batches=-1", "trainer.limit_test_batches"),
 ])
 def test_bad_eval_settings_are_refused_before_the_checkpoint_is_read(tmp_path: Path, override: str, message: str) -> None:
     cfg = eval_config(tmp_path, "ckpt_path=/nonexistent/last.ckpt", override)

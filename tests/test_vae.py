@@ -206,16 +206,3 @@ def test_fill_uninitialized_memory_follows_the_config(tmp_path, fill) -> None:
     finally:
         torch.utils.deterministic.fill_uninitialized_memory = before
 
-
-def test_latentlab_eval_refuses_a_fill_switch_that_is_not_a_bool(tmp_path) -> None:
-    """latentlab-eval's config has no top-level schema: `fill_uninitialized_memory=maybe` must not read as true."""
-    from omegaconf import OmegaConf
-
-    from latentlab.builders import build_trainer, compose_config, resolve_paths
-    from latentlab.errors import ConfigError
-
-    cfg = compose_config([], output_dir=tmp_path)
-    resolve_paths(cfg)
-    OmegaConf.update(cfg, "fill_uninitialized_memory", "maybe")
-    with pytest.raises(ConfigError, match="fill_uninitialized_memory must be true or false, got 'maybe'"):
-        build_trainer(cfg, [], [])

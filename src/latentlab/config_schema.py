@@ -42,6 +42,16 @@ TOP_LEVEL: dict[str, Any] = {
 }
 SECTIONS = ("data", "net", "model", "sampler", "trainer", "callbacks", "logger", "paths", "eval", "hydra", "experiment",
             "hparams_search")
+EVAL_TOP_LEVEL: dict[str, Any] = {  # conf/eval.yaml (latentlab-eval)
+    "task_name": str,
+    "tags": list[str] | None,
+    "seed": int | None,
+    "ckpt_path": str | None,
+    "train_classifier": str | None,
+    "data_overrides": dict[str, Any] | None,
+    "fill_uninitialized_memory": bool,
+}
+EVAL_SECTIONS = ("eval", "trainer", "logger", "paths", "hydra")
 SEED_MAX = 2**32 - 1  # numpy's seed range, which seed_everything enforces
 
 
@@ -284,20 +294,33 @@ def _resolved(cfg: DictConfig, key: str) -> Any:
         raise ConfigError(f"{key}: cannot resolve the config value: {msg}") from None
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Check every value of a composed `latentlab-train` config; raise the first problem as `ConfigError`."""
-    unknown = [k for k in cfg if k not in TOP_LEVEL and k not in SECTIONS]
+def _validate_top_level(cfg: DictConfig, schema: Mapping[str, Any], sections: tuple[str, ...]) -> None:
+    """Unknown top-level keys (a typo such as `sed=1`) and the types of the known ones."""
+    unknown = [k for k in cfg if k not in schema and k not in sections]
     if unknown:
         raise ConfigError(f"unknown top-level config key(s) {', '.join(map(str, unknown))}; known: "
-                          f"{', '.join(list(TOP_LEVEL) + [s for s in SECTIONS if s in cfg])}")
-    for key, annotation in TOP_LEVEL.items():
-        if key in cfg and (err := _type_error(key, _resolved(cfg, key), annotation)):
+                          f"{', '.join(list(schema) + [s for s in sections if s in cfg])}")
+    for key, annotation in schema.items():
+        if key in cfg and not OmegaConf.is_missing(cfg, key) and (err := _type_error(key, _resolved(cfg, key), annotation)):
             raise ConfigError(err)
     seed = cfg.get("seed")
     if seed is not None and not 0 <= seed <= SEED_MAX:
         raise ConfigError(f"seed must be an integer in [0, {SEED_MAX}] or null (unseeded), got {seed}")
     if "task_name" in cfg and not str(cfg.task_name).strip():
         raise ConfigError("task_name must be a non-empty string (it names the folder under outputs/)")
+
+
+def validate_eval_config(cfg: DictConfig) -> None:
+    """Check a composed `latentlab-eval` config's top level, trainer, loggers and paths (its `eval` section is
+    checked where it is read: `Analyses.from_config`, `NLLSettings.coerce`)."""
+    _validate_top_level(cfg, EVAL_TOP_LEVEL, EVAL_SECTIONS)
+    _validate_trainer(cfg)
+    _validate_targets_and_paths(cfg, ("logger",))
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check every value of a composed `latentlab-train` config; raise the first problem as `ConfigError`."""
+    _validate_top_level(cfg, TOP_LEVEL, SECTIONS)
 
     for section in ("data", "model"):
         node = cfg.get(section)
@@ -316,7 +339,12 @@ def validate_config(cfg: DictConfig) -> None:
             from latentlab.estimators import NLLSettings
 
             NLLSettings.coerce(_resolved(cfg, f"eval.{key}"))
-    for group in ("callbacks", "logger"):
+    _validate_targets_and_paths(cfg, ("callbacks", "logger"))
+
+
+def _validate_targets_and_paths(cfg: DictConfig, groups: tuple[str, ...]) -> None:
+    """Each `_target_` node of `groups` against its signature, and `paths` as path strings."""
+    for group in groups:
         for name, node in (cfg.get(group) or {}).items():
             if node is None:
                 continue

@@ -50,6 +50,7 @@ from latentlab.builders import (
 from latentlab.report import metrics_markdown
 from latentlab.checkpointing import load_checkpoint_safely
 from latentlab import entry, latent_prior
+from latentlab.config_schema import validate_eval_config
 from latentlab.errors import CheckpointError, ConfigError, DataError
 from latentlab.metrics.classifier import DomainClassifier, Splits, load_or_train_classifier
 from latentlab.estimators import GapSettings, NLLSettings, ais_from_settings
@@ -339,6 +340,7 @@ def data_dir_was_given(cfg: DictConfig) -> bool:
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Evaluate one checkpoint (see module doc); returns the numeric metrics it wrote to metrics.json."""
+    validate_eval_config(cfg)
     data_dir_given = data_dir_was_given(cfg)
     resolve_paths(cfg)
     if cfg.get("train_classifier"):
