@@ -14,6 +14,8 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig, open_dict
 
+import latentlab.conf
+from latentlab.config_schema import validate_eval_config
 from latentlab.errors import ConfigError
 from latentlab.evaluate import evaluate
 
@@ -184,6 +186,14 @@ def test_bad_eval_settings_are_refused_before_the_checkpoint_is_read(tmp_path: P
     with pytest.raises(ConfigError, match=message):
         evaluate(cfg)
     assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("choice", [f"{group}={path.stem}" for group in ("logger", "trainer")
+                                    for path in sorted((Path(latentlab.conf.__file__).parent / group).glob("*.yaml"))])
+def test_every_logger_and_trainer_choice_passes_the_eval_config_check(tmp_path: Path, choice: str) -> None:
+    """The check refuses what latentlab-eval would not run, not what its own config groups compose to (the
+    dashboard callbacks that logger=wandb|tensorboard bring along, say)."""
+    validate_eval_config(eval_config(tmp_path, "ckpt_path=/nonexistent/last.ckpt", choice))
 
 
 def test_a_checkpoint_from_before_the_eval_group_loses_its_model_eval_block() -> None:

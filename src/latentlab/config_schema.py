@@ -51,7 +51,7 @@ EVAL_TOP_LEVEL: dict[str, Any] = {  # conf/eval.yaml (latentlab-eval)
     "data_overrides": dict[str, Any] | None,
     "fill_uninitialized_memory": bool,
 }
-EVAL_SECTIONS = ("eval", "trainer", "logger", "paths", "hydra")
+EVAL_SECTIONS = ("eval", "trainer", "logger", "callbacks", "paths", "hydra")  # callbacks: logger=wandb|tensorboard's
 SEED_MAX = 2**32 - 1  # numpy's seed range, which seed_everything enforces
 
 
@@ -315,7 +315,7 @@ def validate_eval_config(cfg: DictConfig) -> None:
     checked where it is read: `Analyses.from_config`, `NLLSettings.coerce`)."""
     _validate_top_level(cfg, EVAL_TOP_LEVEL, EVAL_SECTIONS)
     _validate_trainer(cfg)
-    _validate_targets_and_paths(cfg, ("logger",))
+    _validate_targets_and_paths(cfg, ("callbacks", "logger"))
 
 
 def validate_config(cfg: DictConfig) -> None:
