@@ -301,7 +301,7 @@ def _validate_top_level(cfg: DictConfig, schema: Mapping[str, Any], sections: tu
         raise ConfigError(f"unknown top-level config key(s) {', '.join(map(str, unknown))}; known: "
                           f"{', '.join(list(schema) + [s for s in sections if s in cfg])}")
     for key, annotation in schema.items():
-        if key in cfg and not OmegaConf.is_missing(cfg, key) and (err := _type_error(key, _resolved(cfg, key), annotation)):
+        if key in cfg and (err := _type_error(key, _resolved(cfg, key), annotation)):  # `in` is false for ???
             raise ConfigError(err)
     seed = cfg.get("seed")
     if seed is not None and not 0 <= seed <= SEED_MAX:
