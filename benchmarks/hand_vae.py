@@ -4,8 +4,9 @@
 strictest baseline, since that process's heap is already laid out. Run as a script (what a researcher runs:
 `python my_vae.py`, importing nothing but torch), it trains one epoch per "go" line on stdin and answers
 `epoch <wall s> <cpu s> <mean loss> <minor page faults per step>`, as `pythae_vae.py` does. The page faults
-are why the two differ: in a fresh process glibc gives the freed top of its heap back to the OS after each
-step and the next step faults it in again.
+are why the two differ: in a fresh process glibc serves each step's large tensors from fresh mmaps or from the
+top of its heap, which it hands back to the OS when the step frees them, and the next step faults them in again
+(the README's benchmark section: how a script avoids it).
 """
 
 from __future__ import annotations

@@ -186,17 +186,19 @@ def run_variant(args: argparse.Namespace, extra: list[str], workers: bool) -> tu
     init = {**{f"enc.{k}": v for k, v in model.encoder.net.state_dict().items()},
             **{f"dec.{k}": v for k, v in model.model.decoder.state_dict().items()}}
     others: dict[str, Any] = {"hand": HandLoop(x, device, args.seed, init)}
-    if workers:
-        files = Path(tempfile.mkdtemp(prefix="latentlab-bench-"))
-        torch.save(x.cpu(), files / "train.pt")
-        torch.save(init, files / "init.pt")
-        common = ["--data", str(files / "train.pt"), "--threads", str(args.threads), "--seed", str(args.seed),
-                  "--device", device.type]
-        others["hand script"] = Worker("hand script", sys.executable, "hand_vae.py", [*common, "--init", str(files / "init.pt")])
-        if args.pythae_python:
-            others["pythae"] = Worker("pythae", args.pythae_python, "pythae_vae.py",
-                                      [*common, "--epochs", str(args.epochs), "--batch", str(BATCH), "--lr", str(LR),
-                                       "--latent", str(LATENT)])
+    if workers:  # the files go once the workers have read them (a worker answers "ready" after loading)
+        with tempfile.TemporaryDirectory(prefix="latentlab-bench-") as tmp:
+            files = Path(tmp)
+            torch.save(x.cpu(), files / "train.pt")
+            torch.save(init, files / "init.pt")
+            common = ["--data", str(files / "train.pt"), "--threads", str(args.threads), "--seed", str(args.seed),
+                      "--device", device.type]
+            others["hand script"] = Worker("hand script", sys.executable, "hand_vae.py",
+                                           [*common, "--init", str(files / "init.pt")])
+            if args.pythae_python:
+                others["pythae"] = Worker("pythae", args.pythae_python, "pythae_vae.py",
+                                          [*common, "--epochs", str(args.epochs), "--batch", str(BATCH), "--lr", str(LR),
+                                           "--latent", str(LATENT)])
     turns = TakeTurns(others)
     trainer = build_trainer(cfg, [*build_callbacks(cfg), turns], build_loggers(cfg))
     trainer.fit(model, datamodule=dm)
