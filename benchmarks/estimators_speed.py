@@ -27,7 +27,6 @@ import math
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +38,7 @@ from torch.nn import functional as F
 
 from latentlab.builders import build_datamodule, build_model, compose_config, resolve_paths
 from latentlab.estimators import AnnealedImportanceSampling, NLLSettings, diagonal_gaussian, estimate_log_px
+from scratch import scratch_dir  # this script's folder is on sys.path
 
 
 def linears(module: nn.Module) -> list[nn.Linear]:
@@ -123,7 +123,7 @@ def bench_is(args: argparse.Namespace, model: Any, x_test: torch.Tensor) -> None
 
 
 def pythae_nll(args: argparse.Namespace, x: torch.Tensor) -> float:
-    path = Path(tempfile.mkdtemp(prefix="latentlab-bench-")) / "test.pt"
+    path = scratch_dir() / "test.pt"
     torch.save(x.cpu(), path)
     cmd = [args.pythae_python, str(Path(__file__).with_name("pythae_vae.py")), "--data", str(path),
            "--threads", str(args.threads), "--nll-k", str(args.k)]
@@ -187,7 +187,7 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = compose_config(["data=mnist", f"paths.data_dir={Path(args.data_dir).resolve()}", "data.binarize=static",
                           "data.binarize_threshold=0.5", "net=mlp_large", "model.latent_dim=32"],
-                         output_dir=Path(tempfile.mkdtemp(prefix="latentlab-bench-")))
+                         output_dir=scratch_dir())
     resolve_paths(cfg)
     dm = build_datamodule(cfg)
     dm.prepare_data()

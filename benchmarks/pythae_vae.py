@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import tempfile
 import time
 
 import torch
 from torch import nn
 
 from hand_vae import minor_faults  # this script's folder is on sys.path
+from scratch import scratch_dir
 from pythae.data.datasets import BaseDataset
 from pythae.models import VAE, VAEConfig
 from pythae.models.base.base_utils import ModelOutput
@@ -94,7 +94,7 @@ def main() -> None:
             model.get_nll(x, n_samples=args.nll_k, batch_size=100)
         print(f"nll_seconds {time.perf_counter() - start:.4f}", flush=True)
         return
-    config = BaseTrainerConfig(output_dir=tempfile.mkdtemp(prefix="pythae-bench-"), num_epochs=args.epochs,
+    config = BaseTrainerConfig(output_dir=str(scratch_dir("pythae-")), num_epochs=args.epochs,
                                learning_rate=args.lr, per_device_train_batch_size=args.batch, optimizer_cls="Adam",
                                steps_saving=None, keep_best_on_train=True, seed=args.seed,
                                no_cuda=args.device == "cpu")

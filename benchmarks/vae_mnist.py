@@ -42,6 +42,7 @@ import lightning.pytorch as L
 import torch
 
 from hand_vae import BATCH, LATENT, LR, HandLoop, minor_faults  # this script's folder is on sys.path
+from scratch import scratch_dir
 from latentlab.builders import build_callbacks, build_datamodule, build_loggers, build_model, build_trainer, compose_config, resolve_paths
 
 
@@ -74,12 +75,11 @@ class Worker:
 
     def __init__(self, name: str, python: str, script: str, args: list[str]) -> None:
         self.name = name
-        log = Path(tempfile.mkdtemp(prefix="latentlab-bench-")) / f"{script}.log"
-        self.log = open(log, "w")
+        self.log = open(scratch_dir("worker-") / f"{script}.log", "w")
         cmd = [python, str(Path(__file__).with_name(script)), *args]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
         if self._line() != "ready":
-            raise RuntimeError(f"{name} did not start; see {self.log.name}")
+            raise RuntimeError(f"{name} did not start:\n{self.log_tail()}")
 
     def _line(self) -> str:
         assert self.proc.stdout is not None
@@ -92,8 +92,13 @@ class Worker:
         self.proc.stdin.flush()
         line = self._line()
         if not line.startswith("epoch "):
-            raise RuntimeError(f"{self.name} failed: {line!r}; see {self.log.name}")
+            raise RuntimeError(f"{self.name} failed: {line!r}\n{self.log_tail()}")
         return tuple(float(v) for v in line.split()[1:])
+
+    def log_tail(self, chars: int = 3000) -> str:
+        """The end of the worker's stderr (its folder is removed when the benchmark exits)."""
+        self.log.flush()
+        return Path(self.log.name).read_text()[-chars:]
 
     def close(self) -> None:
         assert self.proc.stdin is not None
@@ -167,7 +172,7 @@ def compose(args: argparse.Namespace, extra: list[str]) -> Any:
         *([f"trainer={args.trainer}"] if args.trainer != "cpu" else []),
         *([f"data.train_subset={args.train_subset}"] if args.train_subset else []), *args.override, *extra,
     ]
-    cfg = compose_config(overrides, output_dir=Path(tempfile.mkdtemp(prefix="latentlab-bench-")))
+    cfg = compose_config(overrides, output_dir=scratch_dir())
     resolve_paths(cfg)
     return cfg
 
@@ -187,7 +192,7 @@ def run_variant(args: argparse.Namespace, extra: list[str], workers: bool) -> tu
             **{f"dec.{k}": v for k, v in model.model.decoder.state_dict().items()}}
     others: dict[str, Any] = {"hand": HandLoop(x, device, args.seed, init)}
     if workers:  # the files go once the workers have read them (a worker answers "ready" after loading)
-        with tempfile.TemporaryDirectory(prefix="latentlab-bench-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="data-", dir=scratch_dir()) as tmp:
             files = Path(tmp)
             torch.save(x.cpu(), files / "train.pt")
             torch.save(init, files / "init.pt")
