@@ -23,7 +23,8 @@ from torch import Tensor
 
 import latentlab
 from latentlab.errors import ConfigError
-from latentlab.models.base import LeanLightningModule, OptimizerFactory, SchedulerFactory, check_optimizer_factory
+from latentlab.models.base import (LeanLightningModule, OptimizerFactory, SchedulerFactory, check_optimizer_factory,
+                                   float32_evaluation)
 from latentlab.nets import NetSpec
 from latentlab.optim import lightning_optimizers
 from latentlab.nets.denoiser import NoiseConditionalDenoiser, tweedie_score
@@ -112,11 +113,13 @@ class Denoiser(LeanLightningModule):
         return loss
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, stage: str) -> None:
-        """Every level on the same fixed noise (keyed on the batch), so curves compare across epochs."""
+        """Every level on the same fixed noise (keyed on the batch), so curves compare across epochs; in float32
+        whatever the training precision (`float32_evaluation`)."""
         x, _ = batch
         generator = torch.Generator(x.device).manual_seed(10_000 + batch_idx)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        losses = [self.denoising_loss(x, torch.full_like(x[:, 0], s), noise).mean() for s in self.sigmas]
+        with float32_evaluation(x):
+            losses = [self.denoising_loss(x, torch.full_like(x[:, 0], s), noise).mean() for s in self.sigmas]
         for i, value in enumerate(losses):
             self.log(f"{stage}/loss_level{i}", value, on_epoch=True, batch_size=x.shape[0], sync_dist=True)
         self.log(f"{stage}/loss", torch.stack(losses).mean(), on_epoch=True, batch_size=x.shape[0], sync_dist=True)
