@@ -94,7 +94,7 @@ SANITY_EXAMPLES = 2
 def float32_evaluation(x: Tensor) -> contextlib.AbstractContextManager:
     """Autocast off for a validation/test step: Lightning runs them under the training precision's autocast, so with
     `trainer.precision=bf16-mixed` the decoder's logits, and so val/test ELBO and NLL, would be computed in bf16 (on
-    MNIST's VAE the IS test NLL moved by 0.05 nats, 0.09 per image). Reported numbers must not depend on how a model
+    MNIST's VAE the IS test NLL moved by 0.05 nats, per-image sd 0.09). Reported numbers must not depend on how a model
     was trained; parameters stay as they are (float32 under any `*-mixed` precision)."""
     return torch.autocast(x.device.type, enabled=False)
 
