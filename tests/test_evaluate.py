@@ -235,3 +235,30 @@ def test_val_and_test_numbers_do_not_depend_on_the_training_precision(tmp_path: 
         trainer.test(model, datamodule=dm, verbose=False)
         results[precision] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     assert results["32-true"] and results["bf16-mixed"] == results["32-true"]
+
+
+def test_half_precision_weights_are_said_once_per_stage(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """bf16-true stores the weights in bf16, which switching autocast off cannot undo: the run says so, once per stage;
+    32-true and bf16-mixed (float32 weights) say nothing."""
+    import logging
+
+    import lightning.pytorch as L
+
+    from latentlab.builders import build_datamodule, build_model, compose_config
+
+    def warnings_under(precision: str) -> list[str]:
+        cfg = compose_config(["model=vae", "data=digits", "eval/nll=fast"], output_dir=tmp_path / precision)
+        dm = build_datamodule(cfg)
+        model = build_model(cfg, dm)
+        trainer = L.Trainer(precision=precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, accelerator="cpu", inference_mode=False, limit_test_batches=1,
+                            default_root_dir=tmp_path)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="latentlab"):
+            trainer.test(model, datamodule=dm, verbose=False)
+            trainer.test(model, datamodule=dm, verbose=False)
+        return [r.getMessage() for r in caplog.records if "weights (trainer.precision=" in r.getMessage()]
+
+    half = warnings_under("bf16-true")
+    assert len(half) == 1 and half[0].startswith("test metrics are computed with torch.bfloat16 weights")
+    assert warnings_under("32-true") == [] and warnings_under("bf16-mixed") == []

@@ -149,6 +149,7 @@ class LatentVariableModel(LeanLightningModule):
         self.test_loglik = LogLikelihood()
         self.nll_settings: dict[str, NLLSettings] = {"val": NLLSettings.preset("fast"), "test": NLLSettings.preset("standard")}
         self.nll_report: dict[str, dict[str, str]] = {}  # stage -> how its nll was obtained (estimator, budget)
+        self._half_precision_warned: set[str] = set()
         self.eval_seed = 0
         self.run_config: dict[str, Any] | None = None  # the resolved Hydra config, saved in checkpoints
 
@@ -232,6 +233,24 @@ class LatentVariableModel(LeanLightningModule):
 
     def _sanity_checking(self) -> bool:
         return self._trainer is not None and self._trainer.sanity_checking
+
+    def _warn_if_half_precision(self, stage: str) -> None:
+        """`float32_evaluation` switches autocast off, but `trainer.precision=bf16-true|16-true` store the weights
+        themselves in half precision: say so (once per stage) rather than report such a log-likelihood silently."""
+        dtype = next(self.parameters()).dtype
+        if dtype in (torch.float32, torch.float64) or stage in self._half_precision_warned:
+            return
+        self._half_precision_warned.add(stage)
+        if self._trainer is None or self.trainer.is_global_zero:
+            latentlab_log.warning("%s metrics are computed with %s weights (trainer.precision=%s): for numbers to "
+                                  "report, train with 32-true or a *-mixed precision, or evaluate the checkpoint with "
+                                  "latentlab-eval at 32-true", stage, dtype, self.trainer.precision if self._trainer else "?")
+
+    def on_validation_start(self) -> None:
+        self._warn_if_half_precision("val")
+
+    def on_test_start(self) -> None:
+        self._warn_if_half_precision("test")
 
     def _log_loglik(self, stage: str) -> None:
         metric = self.val_loglik if stage == "val" else self.test_loglik
