@@ -258,6 +258,9 @@ def test_dynamic_mode_datamodule_keys_and_fixed_eval_splits() -> None:
     assert set(e2.unique().tolist()) <= {0.0, 1.0}
     assert torch.equal(e2[:5], twin.binarize_batch((x[:5], index[:5]), epoch=2)[0])
     assert not torch.equal(e2, dm.binarize_batch((x, index), epoch=3)[0])
+    # a batch Lightning has already cast (bf16 under trainer.precision=bf16-true in latentlab-cli) keeps its dtype
+    cast = dm.binarize_batch((x.to(torch.bfloat16), index), epoch=2)[0]
+    assert cast.dtype == torch.bfloat16 and torch.equal(cast.float(), e2)
     for split in ("val", "test"):  # one fixed draw, same for every instance with this seed
         v = dm.data(split)
         assert set(v.unique().tolist()) == {0.0, 1.0} and torch.equal(v, twin.data(split))

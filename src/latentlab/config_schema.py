@@ -87,6 +87,16 @@ def _devices(v: Any) -> str | None:
 
 
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "tpu", "auto")
+#: Precisions whose weights are float32: samplers, estimators and callbacks feed float32 tensors to the networks, so
+#: `bf16-true`/`16-true`/`64-true` (weights cast themselves) fail mid-run with a dtype mismatch.
+PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16", "16-mixed", "16")
+
+
+def _precision(v: Any) -> str | None:
+    if str(v) in PRECISIONS:
+        return None
+    return (f"one of {'|'.join(PRECISIONS[::2])} (float32 weights: the samplers, estimators and callbacks feed float32 "
+            "tensors; bf16-mixed gives the bfloat16 speed-up)")
 
 #: Trainer values Lightning would reject late (or not at all), with what is allowed.
 TRAINER_RANGES: dict[str, Callable[[Any], str | None]] = {
@@ -105,6 +115,7 @@ TRAINER_RANGES: dict[str, Callable[[Any], str | None]] = {
     "val_check_interval": _interval,
     "gradient_clip_val": _non_negative,
     "devices": _devices,
+    "precision": _precision,
     "accelerator": lambda v: None if v in ACCELERATORS or isinstance(v, Mapping) else f"one of {'|'.join(ACCELERATORS)}",
 }
 

@@ -239,8 +239,8 @@ class LatentDataModule(L.LightningDataModule):
         self.setup()
         if self._dynamic is None:
             return batch
-        x, index = batch
-        return self._dynamic(index, epoch).to(x.device), index
+        x, index = batch  # x's dtype too: Lightning has already cast the batch under trainer.precision=bf16-true|16-true
+        return self._dynamic(index, epoch).to(device=x.device, dtype=x.dtype), index
 
     def data(self, split: Split) -> Tensor:
         """All of a split's x (N, D); in dynamic mode the train split holds the grey levels (probabilities)."""

@@ -236,7 +236,9 @@ class LatentVariableModel(LeanLightningModule):
 
     def _warn_if_half_precision(self, stage: str) -> None:
         """`float32_evaluation` switches autocast off, but `trainer.precision=bf16-true|16-true` store the weights
-        themselves in half precision: say so (once per stage) rather than report such a log-likelihood silently."""
+        themselves in half precision: say so (once per stage) rather than report such a log-likelihood silently.
+        latentlab-train/-eval refuse those precisions up front (config_schema.PRECISIONS); this reaches the rest
+        (latentlab-cli, a Trainer of one's own)."""
         dtype = next(self.parameters()).dtype
         if dtype in (torch.float32, torch.float64) or stage in self._half_precision_warned:
             return
