@@ -207,6 +207,24 @@ def test_a_checkpoint_from_before_the_eval_group_loses_its_model_eval_block() ->
     assert ckpt["latentlab"]["config"]["model"] == {"latent_dim": 2} and ckpt["hyper_parameters"] == {"latent_dim": 2}
 
 
+def model_and_data(overrides: list[str], output_dir: Path) -> tuple[object, object]:
+    """A model as latentlab-train builds it from `overrides`, untrained, and its data module."""
+    from latentlab.builders import build_datamodule, build_model, compose_config
+
+    cfg = compose_config(overrides, output_dir=output_dir)
+    dm = build_datamodule(cfg)
+    return build_model(cfg, dm), dm
+
+
+def quiet_trainer(precision: str, root: Path, batches: int) -> object:
+    """A quiet CPU Trainer at `precision` for `batches` test batches (AIS needs gradients: no inference mode)."""
+    import lightning.pytorch as L
+
+    return L.Trainer(precision=precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, accelerator="cpu", inference_mode=False, limit_test_batches=batches,
+                     default_root_dir=root)
+
+
 @pytest.mark.parametrize("overrides", [
     ["model=vae", "data=digits", "eval/nll=fast"],
     ["model=avb", "data=digits", "eval/nll=fast", "eval.nll.ais_steps=5"],
@@ -217,20 +235,13 @@ def test_val_and_test_numbers_do_not_depend_on_the_training_precision(tmp_path: 
     """Lightning runs test steps under the training precision's autocast; latentlab's run in float32 whatever it is:
     the same weights give the same test metrics to the bit under 32-true and bf16-mixed (in bf16 they moved MNIST's
     VAE test/nll by 0.05 nats). (bf16-true/16-true convert the weights themselves: not covered, nor claimed.)"""
-    import lightning.pytorch as L
     import torch
 
-    from latentlab.builders import build_datamodule, build_model, compose_config
-
     torch.manual_seed(0)
-    cfg = compose_config(overrides, output_dir=tmp_path)
-    dm = build_datamodule(cfg)
-    model = build_model(cfg, dm)
+    model, dm = model_and_data(overrides, tmp_path)
     results = {}
     for precision in ("32-true", "bf16-mixed"):
-        trainer = L.Trainer(precision=precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, accelerator="cpu", inference_mode=False, limit_test_batches=2,
-                            default_root_dir=tmp_path)
+        trainer = quiet_trainer(precision, tmp_path, batches=2)
         torch.manual_seed(1)  # the ELBO's one draw comes from the global stream
         trainer.test(model, datamodule=dm, verbose=False)
         results[precision] = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -242,17 +253,9 @@ def test_half_precision_weights_are_said_once_per_stage(tmp_path: Path, caplog: 
     32-true and bf16-mixed (float32 weights) say nothing."""
     import logging
 
-    import lightning.pytorch as L
-
-    from latentlab.builders import build_datamodule, build_model, compose_config
-
     def warnings_under(precision: str) -> list[str]:
-        cfg = compose_config(["model=vae", "data=digits", "eval/nll=fast"], output_dir=tmp_path / precision)
-        dm = build_datamodule(cfg)
-        model = build_model(cfg, dm)
-        trainer = L.Trainer(precision=precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, accelerator="cpu", inference_mode=False, limit_test_batches=1,
-                            default_root_dir=tmp_path)
+        model, dm = model_and_data(["model=vae", "data=digits", "eval/nll=fast"], tmp_path / precision)
+        trainer = quiet_trainer(precision, tmp_path, batches=1)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="latentlab"):
             trainer.test(model, datamodule=dm, verbose=False)

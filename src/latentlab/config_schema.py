@@ -89,13 +89,13 @@ def _devices(v: Any) -> str | None:
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "tpu", "auto")
 #: Precisions whose weights are float32: samplers, estimators and callbacks feed float32 tensors to the networks, so
 #: `bf16-true`/`16-true`/`64-true` (weights cast themselves) fail mid-run with a dtype mismatch.
-PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16", "16-mixed", "16")
+PRECISIONS = {"32-true": "32", "bf16-mixed": "bf16", "16-mixed": "16"}  # Lightning's name -> its short alias
 
 
 def _precision(v: Any) -> str | None:
-    if str(v) in PRECISIONS:
+    if str(v) in PRECISIONS or str(v) in PRECISIONS.values():
         return None
-    return (f"one of {'|'.join(PRECISIONS[::2])} (float32 weights: the samplers, estimators and callbacks feed float32 "
+    return (f"one of {'|'.join(PRECISIONS)} (float32 weights: the samplers, estimators and callbacks feed float32 "
             "tensors; bf16-mixed gives the bfloat16 speed-up)")
 
 #: Trainer values Lightning would reject late (or not at all), with what is allowed.

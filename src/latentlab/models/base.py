@@ -243,10 +243,10 @@ class LatentVariableModel(LeanLightningModule):
         if dtype in (torch.float32, torch.float64) or stage in self._half_precision_warned:
             return
         self._half_precision_warned.add(stage)
-        if self._trainer is None or self.trainer.is_global_zero:
+        if self.trainer.is_global_zero:  # called from on_validation_start / on_test_start: a trainer is attached
             latentlab_log.warning("%s metrics are computed with %s weights (trainer.precision=%s): for numbers to "
                                   "report, train with 32-true or a *-mixed precision, or evaluate the checkpoint with "
-                                  "latentlab-eval at 32-true", stage, dtype, self.trainer.precision if self._trainer else "?")
+                                  "latentlab-eval at 32-true", stage, dtype, self.trainer.precision)
 
     def on_validation_start(self) -> None:
         self._warn_if_half_precision("val")

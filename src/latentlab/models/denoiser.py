@@ -114,7 +114,7 @@ class Denoiser(LeanLightningModule):
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, stage: str) -> None:
         """Every level on the same fixed noise (keyed on the batch), so curves compare across epochs; in float32
-        whatever the training precision (`float32_evaluation`)."""
+        under any `*-mixed` training precision (`float32_evaluation`)."""
         x, _ = batch
         generator = torch.Generator(x.device).manual_seed(10_000 + batch_idx)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
