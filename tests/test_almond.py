@@ -27,6 +27,7 @@ from latentlab.models.almond import first_occurrences, inverse_sqrt_lr, langevin
 from latentlab.models.chains import PersistentChains
 from latentlab.posterior import GaussianPosterior
 from latentlab.samplers import MALA, ULA
+from trainers import quiet_trainer
 
 D, d = 6, 2
 
@@ -45,13 +46,6 @@ def linear_almond(step_size: float = 0.1, langevin_steps: int = 5, sampler: str 
                       optimizer=lambda p: torch.optim.Adam(p, lr=2e-2), n_chains=10, sampler=kernel)
     args.update(kw)
     return ALMOND(**args)
-
-
-def quiet_trainer(**kw: object) -> L.Trainer:
-    args: dict = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      accelerator="cpu", num_sanity_val_steps=0)
-    args.update(kw)
-    return L.Trainer(**args)
 
 
 class EpochShuffle(Sampler[int]):

@@ -35,16 +35,9 @@ from latentlab.nets.avb import (
     ResidualDiscriminator,
     discriminator_loss,
 )
+from trainers import quiet_trainer
 
 LOG_QUARTER = math.log(0.25)
-
-
-def quiet_trainer(**kw: object) -> L.Trainer:
-    args: dict = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
-                  "enable_model_summary": False, "accelerator": "cpu", "num_sanity_val_steps": 0,
-                  "deterministic": False, "inference_mode": False}  # AIS needs gradients w.r.t. z at test time
-    args.update(kw)
-    return L.Trainer(**args)
 
 
 # ----------------------------------------------------------------------------- discriminator

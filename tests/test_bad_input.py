@@ -67,6 +67,7 @@ BAD_CONFIGS: list[tuple[list[str], type[LatentlabError], str]] = [
     (["trainer.precision=fp33"], ConfigError, r"trainer.precision must be one of .*32-true.*got 'fp33'"),
     (["trainer.precision=bf16-true"], ConfigError, r"trainer.precision must be one of 32-true\|bf16-mixed\|16-mixed \(float32 weights.*got 'bf16-true'"),
     (["trainer.precision=64-true"], ConfigError, r"trainer.precision must be one of 32-true\|bf16-mixed\|16-mixed .*got '64-true'"),
+    (["model=almond", "trainer.precision=16-mixed"], ConfigError, r"trainer.precision=16-mixed does not work with almond: .*use bf16-mixed"),
     (["trainer.accelerator=tpu9"], ConfigError, r"trainer.accelerator must be one of cpu\|gpu\|cuda\|mps\|tpu\|auto"),
     (["trainer.devices=0"], ConfigError, r"trainer.devices must be a number of devices"),
     (["++trainer.limit_train_batches=1.5"], ConfigError, r"trainer.limit_train_batches must be an integer count >= 0 or a fraction in \[0.0, 1.0\]"),

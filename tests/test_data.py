@@ -30,6 +30,7 @@ from latentlab.data import (
 from latentlab.data.binarize import DynamicBinarizer
 from latentlab.data.idx import read_idx
 from latentlab.errors import ConfigError, DataError
+from trainers import quiet_trainer
 
 K_SE = 5.0
 
@@ -304,9 +305,7 @@ class _Recorder(L.LightningModule):
 
 def _fit(dm: L.LightningDataModule, epochs: int, tmp_path: Path) -> _Recorder:
     model = _Recorder()
-    trainer = L.Trainer(max_epochs=epochs, limit_train_batches=3, limit_val_batches=1, accelerator="cpu",
-                        devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer = quiet_trainer(max_epochs=epochs, limit_train_batches=3, limit_val_batches=1, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=dm)
     return model
 

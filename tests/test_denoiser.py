@@ -13,6 +13,7 @@ from latentlab.data.ring import GaussianMixture, GaussianRingDataModule, ring_mi
 from latentlab.errors import ConfigError
 from latentlab.models.denoiser import NLL_NOT_AVAILABLE, fit_denoiser
 from latentlab.nets.denoiser import tweedie_score
+from trainers import quiet_trainer
 
 MIXTURES = {
     "1d": GaussianMixture(torch.tensor([[-2.0], [0.5], [3.0]], dtype=torch.float64), torch.tensor([0.3, 1.0, 0.6]),
@@ -87,15 +88,12 @@ def test_gaussian_ring_data_module_draws_the_ring() -> None:
 def test_denoiser_trains_logs_per_level_losses_and_says_nll_is_not_available(tmp_path, caplog) -> None:
     """model=denoiser through the real config: per-level validation losses, no test/nll number, one line
     saying why, and a checkpoint `latentlab-eval` can rebuild the model from."""
-    import lightning.pytorch as L
-
     cfg = compose_config(["model=denoiser", "data=gaussian_ring", "data.num_train=512", "data.num_val=128",
                           "data.num_test=128", "model.n_levels=3", "model.sampler.n_levels=3",
                           "model.sampler.n_steps=5"], output_dir=tmp_path)
     dm = build_datamodule(cfg)
     model = build_model(cfg, dm)
-    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path)
+    trainer = quiet_trainer(max_epochs=1, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=dm)
     assert {"val/loss", "val/loss_level0", "val/loss_level2"} <= set(trainer.callback_metrics)
     with caplog.at_level(logging.INFO, logger="latentlab"):

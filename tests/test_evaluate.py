@@ -18,6 +18,7 @@ import latentlab.conf
 from latentlab.config_schema import validate_eval_config
 from latentlab.errors import ConfigError
 from latentlab.evaluate import evaluate
+from trainers import quiet_trainer
 
 TRAIN_FAST = ["trainer.max_epochs=1", "eval.nll.k=5", "eval.val_nll.k=5", "callbacks.image_grid.n=16", "+trainer.limit_train_batches=5",
               "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1", "logger=none"]
@@ -216,15 +217,6 @@ def model_and_data(overrides: list[str], output_dir: Path) -> tuple[object, obje
     return build_model(cfg, dm), dm
 
 
-def quiet_trainer(precision: str, root: Path, batches: int) -> object:
-    """A quiet CPU Trainer at `precision` for `batches` test batches (AIS needs gradients: no inference mode)."""
-    import lightning.pytorch as L
-
-    return L.Trainer(precision=precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, accelerator="cpu", inference_mode=False, limit_test_batches=batches,
-                     default_root_dir=root)
-
-
 @pytest.mark.parametrize("overrides", [
     ["model=vae", "data=digits", "eval/nll=fast"],
     ["model=avb", "data=digits", "eval/nll=fast", "eval.nll.ais_steps=5"],
@@ -241,8 +233,7 @@ def test_val_and_test_numbers_do_not_depend_on_the_training_precision(tmp_path: 
     model, dm = model_and_data(overrides, tmp_path)
     results = {}
     for precision in ("32-true", "bf16-mixed"):
-        trainer = quiet_trainer(precision, tmp_path, batches=2)
-        torch.manual_seed(1)  # the ELBO's one draw comes from the global stream
+        trainer = quiet_trainer(precision=precision, limit_test_batches=2, default_root_dir=tmp_path)
         trainer.test(model, datamodule=dm, verbose=False)
         results[precision] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     assert results["32-true"] and results["bf16-mixed"] == results["32-true"]
@@ -255,7 +246,7 @@ def test_half_precision_weights_are_said_once_per_stage(tmp_path: Path, caplog: 
 
     def warnings_under(precision: str) -> list[str]:
         model, dm = model_and_data(["model=vae", "data=digits", "eval/nll=fast"], tmp_path / precision)
-        trainer = quiet_trainer(precision, tmp_path, batches=1)
+        trainer = quiet_trainer(precision=precision, limit_test_batches=1, default_root_dir=tmp_path)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="latentlab"):
             trainer.test(model, datamodule=dm, verbose=False)

@@ -94,3 +94,34 @@ def test_fit_every_method(tmp_path: Path, name: str, cls: type, extra: list[str]
         assert cli.trainer.optimizers[1].param_groups[0]["lr"] == pytest.approx(0.0005)
     else:
         assert cli.model.chains is not None and int(cli.model.visited.sum()) == 3 * 64  # 3 batches of 64
+
+
+@pytest.mark.parametrize("name,precision,message", [
+    ("VAE", "bf16-true", r"trainer.precision must be one of 32-true\|bf16-mixed\|16-mixed .*got 'bf16-true'"),
+    ("VAE", "64-true", r"trainer.precision must be one of .*got '64-true'"),
+    ("ALMOND", "16-mixed", r"trainer.precision=16-mixed does not work with almond: .*use bf16-mixed"),
+])
+def test_precisions_latentlab_train_refuses_are_refused_here_too(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                 name: str, precision: str, message: str) -> None:
+    """Weights cast to bf16/float64 met float32 tensors mid-run (a crash at the first step or at train end), and
+    ALMOND's gradients in z would bypass the float16 loss scaler: refused before any step, as one line and status 2
+    from the console script. (On a CPU Lightning itself would quietly run 16-mixed as bf16-mixed.)"""
+    import re
+    import sys
+
+    from latentlab.cli import main
+    from latentlab.errors import ConfigError
+
+    args = ["fit", "--model", name, "--data", "DigitsDataModule", "--trainer.precision", precision, *fast(tmp_path)]
+    with pytest.raises(ConfigError, match=message):
+        build_cli(args)
+    assert not list(tmp_path.rglob("*.ckpt"))
+    sys_argv = sys.argv
+    sys.argv = ["latentlab-cli", *args]
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+    finally:
+        sys.argv = sys_argv
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and re.search(message, err[-1]) and err[-1].startswith("latentlab: error: ")

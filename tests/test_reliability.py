@@ -31,6 +31,7 @@ from latentlab.checkpointing import (
 from latentlab.errors import CheckpointError, ConfigError, NumericalError, Preempted
 from latentlab.fault_drills import AVAILABLE, KILL_DURING_SAVE, KILL_RUN, METHODS, QUIET, SMALL, cli, preempt_at
 from latentlab.train import train
+from trainers import quiet_trainer
 
 def run(out: Path, *overrides: str) -> dict[str, float]:
     return train(compose_config([*QUIET, *SMALL, *overrides], output_dir=out))
@@ -328,9 +329,8 @@ def test_gradient_clipping_switch_clips_every_optimiser(tmp_path: Path) -> None:
         dm = build_datamodule(cfg)
         model = build_model(cfg, dm)
         probe = Probe()
-        trainer = L.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=0, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            callbacks=[NumericalGuard(gradient_clip_val=0.01), probe])
+        trainer = quiet_trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=0,
+                                callbacks=[NumericalGuard(gradient_clip_val=0.01), probe])
         trainer.fit(model, datamodule=dm)
         assert probe.norms and max(probe.norms) <= 0.01 * (1 + 1e-5), (method, probe.norms)
 

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from latentlab.analytic import LinearGaussian, ppca_max_log_likelihood
 from latentlab.models import VAE
 from latentlab.nets.gaussian import elbo_terms
+from trainers import quiet_trainer
 
 D, d, N = 6, 2, 4000
 
@@ -32,9 +33,7 @@ def linear_vae(**kw: object) -> VAE:
 
 def fit(model: VAE, x: torch.Tensor, epochs: int) -> None:
     loader = DataLoader(TensorDataset(x, torch.arange(len(x))), batch_size=200, shuffle=True)
-    trainer = L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu")
-    trainer.fit(model, loader)
+    quiet_trainer(max_epochs=epochs).fit(model, loader)
 
 
 def learned_marginal(model: VAE) -> torch.distributions.MultivariateNormal:
@@ -93,8 +92,7 @@ def test_kl_warmup_ramps_beta() -> None:
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
             seen.append(pl_module.kl_weight())
 
-    L.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[Spy()],
-              enable_model_summary=False).fit(model, loader)
+    quiet_trainer(max_epochs=3, callbacks=[Spy()]).fit(model, loader)
     assert seen[0] == pytest.approx(1 / 8)
     assert seen[7] == pytest.approx(1.0) and seen[-1] == pytest.approx(1.0)
     assert all(a <= b for a, b in zip(seen, seen[1:]))
@@ -115,8 +113,7 @@ def test_sanity_check_runs_the_estimator_on_two_examples_and_logs_nothing(monkey
     monkeypatch.setattr(base, "estimate_log_px", spy)
     _, x = ppca_data()
     loader = DataLoader(TensorDataset(x[:300], torch.arange(300)), batch_size=100)
-    trainer = L.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=1)
     trainer.fit(linear_vae(), loader, loader)
     assert seen == [(True, base.SANITY_EXAMPLES), (False, 100)]
     assert "val/nll" in trainer.callback_metrics
@@ -185,6 +182,35 @@ def test_latentlab_train_is_the_hand_written_loop_bit_for_bit(tmp_path) -> None:
     assert torch.equal(torch.stack(losses), torch.stack(record.losses))
     for ours, theirs in zip([*dec.parameters(), *enc.parameters()], [*model.model.decoder.parameters(), *model.encoder.net.parameters()]):
         assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("method", ["vae", "avb"])
+def test_validation_leaves_the_training_run_alone(tmp_path, method) -> None:
+    """Validation's ELBO draws (and AVB's discriminator draws) come from the evaluation's own keyed stream, not the
+    global one the training's noise comes from: a run with a sanity check and validation every epoch ends with the
+    same weights, bit for bit, as the same run with no validation at all, and its val/elbo is the same number
+    however often it is recomputed on the same weights."""
+    from latentlab.builders import build_datamodule, build_model, build_trainer, compose_config, resolve_paths
+
+    def train(*overrides: str) -> tuple[L.LightningModule, L.Trainer, object]:
+        cfg = compose_config([f"model={method}", "model.latent_dim=4", "trainer.max_epochs=2", "test=false",
+                              "callbacks=none", "logger=none", *overrides],
+                             output_dir=tmp_path / "_".join(overrides))
+        resolve_paths(cfg)
+        L.seed_everything(cfg.seed, verbose=False)
+        dm = build_datamodule(cfg)
+        model = build_model(cfg, dm)
+        trainer = build_trainer(cfg, [], [])
+        trainer.fit(model, datamodule=dm)
+        return model, trainer, dm
+
+    validated, trainer, dm = train("trainer.num_sanity_val_steps=1", "trainer.check_val_every_n_epoch=1")
+    plain, _, _ = train("trainer.num_sanity_val_steps=0", "+trainer.limit_val_batches=0")
+    assert "val/elbo" in trainer.callback_metrics
+    for ours, theirs in zip(validated.parameters(), plain.parameters()):
+        assert torch.equal(ours, theirs)
+    again = [float(trainer.validate(validated, datamodule=dm, verbose=False)[0]["val/elbo"]) for _ in range(2)]
+    assert again[0] == again[1] == float(trainer.callback_metrics["val/elbo"])
 
 
 @pytest.mark.parametrize("fill", [None, True])

@@ -397,13 +397,17 @@ def _resolved_trainer(cfg: DictConfig) -> dict[str, Any]:
     return {k: _resolved(cfg, f"trainer.{k}") for k in keys}
 
 
-def check_model_against_trainer(cfg: DictConfig, model: Any) -> None:
-    """Combinations only the built model can tell: Lightning clips and accumulates gradients only under automatic
-    optimisation."""
+def check_model_against_trainer(cfg: DictConfig | Mapping[str, Any], model: Any) -> None:
+    """Combinations only the built model can tell: float16 training where a method's gradients bypass Lightning's
+    loss scaler; clipping and accumulation, which Lightning does only under automatic optimisation."""
     trainer = cfg.get("trainer") or {}
+    method = getattr(model, "method", "this method")
+    if str(trainer.get("precision")) in ("16-mixed", "16") and not getattr(model, "float16_training", True):
+        raise ConfigError(f"trainer.precision={trainer.get('precision')} does not work with {method}: its Langevin "
+                          "E-step takes gradients in z that Lightning's float16 loss scaler never sees (they underflow "
+                          "or overflow); use bf16-mixed (float32's exponent range) or 32-true")
     if getattr(model, "automatic_optimization", True):
         return
-    method = getattr(model, "method", "this method")
     if clip := trainer.get("gradient_clip_val"):
         raise ConfigError(f"trainer.gradient_clip_val={clip} does not work with {method} (it optimises manually, with "
                           f"its own optimisers); use callbacks.numerics.gradient_clip_val={clip} instead, which clips "

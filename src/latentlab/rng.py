@@ -8,7 +8,9 @@ epoch, batch, rank), never of call order: a resumed run draws what the uninterru
 
 from __future__ import annotations
 
+import contextlib
 import enum
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -30,9 +32,26 @@ class Stream(enum.IntEnum):
     LANGEVIN_EVAL = 8  # ALMOND: fresh chains of examples without persistent ones
     WARMUP_ELBO = 9  # ALMOND: the warm-up encoder's validation ELBO
     EVAL_ANALYSIS = 10  # latentlab-eval: one stream per analysis (samples grid, BDMC, gaps, pictures, quality)
+    EVAL_DIAGNOSTICS = 11  # val/test: a method's own diagnostics (`evaluate_batch`: ELBO draws, AVB's discriminator)
+
+
+def key_seed(*keys: int) -> int:
+    """A well-mixed 64-bit seed from the non-negative integer `keys`."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0])
 
 
 def keyed_generator(*keys: int, device: torch.device | str | None = None) -> torch.Generator:
     """A generator on `device` (default CPU) seeded by a hash of the non-negative integer `keys`."""
-    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator(device=device or "cpu").manual_seed(int(state))
+    return torch.Generator(device=device or "cpu").manual_seed(key_seed(*keys))
+
+
+@contextlib.contextmanager
+def seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """The global RNG forked (CPU, and `device`'s if it is a GPU) and seeded with `seed` inside the block.
+
+    For code that can only draw from the global stream (torch.distributions' `sample`, a method's `randn_like`):
+    its draws become a function of `seed`, and the caller's stream is where it was afterwards, so evaluation never
+    shifts the training's noise."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield

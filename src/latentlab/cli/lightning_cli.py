@@ -27,10 +27,13 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from latentlab.config_schema import TRAINER_RANGES, check_model_against_trainer
 from latentlab.data import LatentDataModule
+from latentlab.entry import report
+from latentlab.errors import ConfigError
 from latentlab.models import LatentVariableModel
 
-__all__ = ["LatentlabCLI", "build_cli", "hydra_layout", "main"]
+__all__ = ["LatentlabCLI", "build_cli", "check_cli_trainer", "hydra_layout", "main"]
 
 #: `Trainer` defaults of `latentlab-cli`, the same as conf/trainer/default.yaml where it matters.
 TRAINER_DEFAULTS: dict[str, Any] = {"inference_mode": False, "max_epochs": 30}
@@ -71,8 +74,19 @@ class LatentlabCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        self.model.run_config = hydra_layout(config.as_dict())
+        config = (self.config[self.subcommand] if self.subcommand else self.config).as_dict()
+        check_cli_trainer(config.get("trainer") or {}, self.model)
+        self.model.run_config = hydra_layout(config)
+
+
+def check_cli_trainer(trainer: Mapping[str, Any], model: LatentVariableModel) -> None:
+    """What `latentlab-train` refuses, refused here too before anything runs: a precision that casts the weights
+    (`--trainer.precision bf16-true|16-true|64-true`: the samplers, estimators and callbacks feed float32 tensors),
+    and the combinations the model cannot train with (ALMOND under 16-mixed, clipping a manual optimisation)."""
+    precision = trainer.get("precision")
+    if precision is not None and (allowed := TRAINER_RANGES["precision"](precision)):
+        raise ConfigError(f"trainer.precision must be {allowed}, got {precision!r}")
+    check_model_against_trainer({"trainer": trainer}, model)
 
 
 def build_cli(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> LatentlabCLI:
@@ -84,5 +98,9 @@ def build_cli(args: list[str] | dict[str, Any] | None = None, run: bool = True) 
 
 
 def main() -> None:
-    """Entry point of the `latentlab-cli` console script (returns nothing: a console script exits with it)."""
-    build_cli()
+    """Entry point of the `latentlab-cli` console script (returns nothing: a console script exits with it); a refused
+    configuration is one line on stderr and exit status 2, as with latentlab-train."""
+    try:
+        build_cli()
+    except ConfigError as exc:
+        report(exc)

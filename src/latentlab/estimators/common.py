@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution, Independent, Normal
 
+from latentlab.rng import seeded_global_rng
+
 LogJoint = Callable[[Tensor, Tensor], Tensor]  # (x (batch, D), z (..., batch, d)) -> (..., batch)
 
 
@@ -61,6 +63,5 @@ def sample_distribution(dist: Distribution, n: int, generator: torch.Generator |
     if generator is None:
         return dist.sample((n,))
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-    with torch.random.fork_rng(devices=[generator.device] if generator.device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    with seeded_global_rng(seed, generator.device):
         return dist.sample((n,))

@@ -80,6 +80,7 @@ class ALMOND(ChainsPosterior, LatentVariableModel):
 
     method = "almond"
     named_parts = ()
+    float16_training = False  # the E-step's gradients in z never pass through Lightning's float16 loss scaler
 
     def __init__(self, data_dim: int, latent_dim: int = 8, image_shape: Sequence[int] | None = None,
                  net: NetSpec | Mapping[str, Any] | None = None, likelihood: LikelihoodSpec | Mapping[str, Any] | str | None = None,

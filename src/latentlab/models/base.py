@@ -33,6 +33,7 @@ from latentlab.metrics.loglik import LogLikelihood
 from latentlab.nets import NetSpec, build_decoder
 from latentlab.optim import lightning_optimizers  # fused kernel by default: exact, ~4x faster step
 from latentlab.posterior import Posterior
+from latentlab.rng import Stream, key_seed, seeded_global_rng
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., Any]
@@ -119,6 +120,8 @@ class LatentVariableModel(LeanLightningModule):
 
     method: str = "base"
     named_parts: ClassVar[tuple[str, ...]] = ()
+    #: whether `trainer.precision=16-mixed` can train it: False where gradients bypass Lightning's loss scaler
+    float16_training: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -200,6 +203,12 @@ class LatentVariableModel(LeanLightningModule):
                self.global_rank if self._trainer else 0)
         return torch.Generator(device=device).manual_seed(hash(key) % (2**62))
 
+    def _diagnostics_seed(self, stage: str, batch_idx: int) -> int:
+        """The seed `evaluate_batch` draws under (its own keyed stream): its numbers are reproducible, and validation
+        leaves the training's global stream alone, so a run is the same with validation on, off or more frequent."""
+        return key_seed(self.eval_seed, Stream.EVAL_DIAGNOSTICS, STAGE_IDS.get(stage, 0),
+                        self.current_epoch if self._trainer else 0, batch_idx, self.global_rank if self._trainer else 0)
+
     def log_px(self, x: Tensor, index: Tensor | None = None, stage: str = "test",
                generator: torch.Generator | None = None) -> LogPxEstimate:
         """log p(x) per example by the protocol with `stage`'s settings; the one way val, test and eval get it."""
@@ -211,7 +220,8 @@ class LatentVariableModel(LeanLightningModule):
 
     def _eval_batch(self, batch: tuple[Tensor, Tensor], batch_idx: int, stage: str) -> None:
         x, index = batch
-        stats = self.evaluate_batch(x, index)
+        with seeded_global_rng(self._diagnostics_seed(stage, batch_idx), x.device):
+            stats = self.evaluate_batch(x, index)
         for name, value in stats.items():
             self.log(f"{stage}/{name}", value, on_step=False, on_epoch=True, batch_size=x.shape[0], sync_dist=True)
         if self._nll_due(stage, batch_idx):
@@ -237,8 +247,8 @@ class LatentVariableModel(LeanLightningModule):
     def _warn_if_half_precision(self, stage: str) -> None:
         """`float32_evaluation` switches autocast off, but `trainer.precision=bf16-true|16-true` store the weights
         themselves in half precision: say so (once per stage) rather than report such a log-likelihood silently.
-        latentlab-train/-eval refuse those precisions up front (config_schema.PRECISIONS); this reaches the rest
-        (latentlab-cli, a Trainer of one's own)."""
+        latentlab-train/-eval/-cli refuse those precisions up front (config_schema.PRECISIONS); this reaches a
+        Trainer of one's own."""
         dtype = next(self.parameters()).dtype
         if dtype in (torch.float32, torch.float64) or stage in self._half_precision_warned:
             return
