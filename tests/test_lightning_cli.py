@@ -125,3 +125,20 @@ def test_precisions_latentlab_train_refuses_are_refused_here_too(tmp_path: Path,
         sys.argv = sys_argv
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and re.search(message, err[-1]) and err[-1].startswith("latentlab: error: ")
+
+
+@pytest.mark.parametrize("fill", [None, True])
+def test_nan_fill_under_deterministic_follows_the_flag_as_in_latentlab_train(tmp_path: Path, fill: bool | None) -> None:
+    """`--trainer.deterministic true` switches on torch's deterministic algorithms, whose default NaN-fills every new
+    tensor (~4% of a step on two threads); the CLI turns the fill off unless `--fill_uninitialized_memory true`."""
+    before = torch.utils.deterministic.fill_uninitialized_memory
+    torch.utils.deterministic.fill_uninitialized_memory = not fill
+    flag = [] if fill is None else ["--fill_uninitialized_memory", "true"]
+    try:
+        build_cli(["--model", "VAE", "--data", "DigitsDataModule", "--trainer.deterministic", "true", *flag,
+                         *fast(tmp_path)], run=False)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.utils.deterministic.fill_uninitialized_memory is bool(fill)
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = before
+        torch.use_deterministic_algorithms(False)

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from latentlab.config_schema import TRAINER_RANGES, check_model_against_trainer
@@ -71,12 +72,17 @@ class LatentlabCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.data_dim", "model.init_args.data_dim", apply_on="instantiate")
         parser.link_arguments("data.image_shape", "model.init_args.image_shape", apply_on="instantiate")
+        parser.add_argument("--fill_uninitialized_memory", type=bool, default=False,
+                            help="under --trainer.deterministic, have torch fill each new tensor with NaN before an op "
+                                 "writes it (torch's default; off as in latentlab-train: a memory pass over every "
+                                 "activation and gradient, ~4%% of a step, that changes no value)")
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         config = (self.config[self.subcommand] if self.subcommand else self.config).as_dict()
         check_cli_trainer(config.get("trainer") or {}, self.model)
         self.model.run_config = hydra_layout(config)
+        torch.utils.deterministic.fill_uninitialized_memory = bool(config.get("fill_uninitialized_memory", False))
 
 
 def check_cli_trainer(trainer: Mapping[str, Any], model: LatentVariableModel) -> None:
