@@ -48,6 +48,25 @@ def job_metrics(sweep: Path) -> dict[str, dict[str, Any]]:
             if (d / "metrics.json").is_file()}
 
 
+def test_api_runs_leave_torchs_process_wide_switches_as_they_found_them(tmp_path: Path) -> None:
+    """A run turns deterministic algorithms on (`trainer.deterministic: warn`) and their NaN fill off
+    (`fill_uninitialized_memory: false`) process-wide; in a notebook, the cells after `api.train`/`api.evaluate` get
+    their own settings back."""
+    def settings() -> tuple[bool, bool, bool]:
+        return (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.utils.deterministic.fill_uninitialized_memory)
+
+    torch.use_deterministic_algorithms(False)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        _, run_dir = api.train([*TINY, "test=false"], run_dir=tmp_path / "run")
+        assert settings() == (False, False, True)
+        api.evaluate(run_dir / "checkpoints" / "last.ckpt", ["logger=none", "eval.nll.k=5", "+trainer.limit_test_batches=1"])
+        assert settings() == (False, False, True)
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = True
+
+
 # ----- sweeps ---------------------------------------------------------------------------------
 
 

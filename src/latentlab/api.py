@@ -17,12 +17,13 @@ inside `hydra.main`.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -32,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from latentlab.builders import compose_config
 
-__all__ = ["Run", "compose", "evaluate", "load_model", "load_run", "load_sweep", "multirun", "train"]
+__all__ = ["Run", "compose", "evaluate", "load_model", "load_run", "load_sweep", "multirun", "torch_flags_kept", "train"]
 
 
 def compose(overrides: Sequence[str] = (), output_dir: str | Path | None = None,
@@ -52,6 +53,21 @@ def _default_run_dir(cfg: DictConfig) -> Path:
     """Where Hydra would put the run: outputs/<task_name>/runs/<timestamp>, relative to the cwd."""
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
     return Path("outputs") / str(cfg.get("task_name", "train")) / "runs" / stamp
+
+
+@contextlib.contextmanager
+def torch_flags_kept() -> Iterator[None]:
+    """A run sets torch's process-wide switches (`trainer.deterministic` turns deterministic algorithms on, latentlab
+    their NaN fill off, Lightning cuDNN's benchmark mode): in a notebook the code after a run gets its own back."""
+    import torch
+
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.utils.deterministic.fill_uninitialized_memory, torch.backends.cudnn.benchmark)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.utils.deterministic.fill_uninitialized_memory, torch.backends.cudnn.benchmark = saved[2], saved[3]
 
 
 def _prepare(overrides: Sequence[str], run_dir: str | Path | None, config_name: str) -> tuple[DictConfig, Path]:
@@ -80,7 +96,8 @@ def train(overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> t
 
     cfg, out = _prepare(overrides, run_dir, "train")
     try:
-        return train_fn(cfg), out
+        with torch_flags_kept():
+            return train_fn(cfg), out
     finally:
         finish_wandb_run()
 
@@ -96,7 +113,8 @@ def evaluate(ckpt_path: str | Path, overrides: Sequence[str] = (),
     if run_dir is None:
         run_dir = ckpt_path.parent.parent / "eval"
     cfg, _ = _prepare([f"ckpt_path={quote(str(ckpt_path))}", *overrides], run_dir, "eval")
-    return evaluate_fn(cfg)
+    with torch_flags_kept():
+        return evaluate_fn(cfg)
 
 
 def load_model(path: str | Path, setup_data: bool = True) -> tuple[Any, Any]:
