@@ -115,7 +115,6 @@ def test_precisions_latentlab_train_refuses_are_refused_here_too(tmp_path: Path,
     args = ["fit", "--model", name, "--data", "DigitsDataModule", "--trainer.precision", precision, *fast(tmp_path)]
     with pytest.raises(ConfigError, match=message):
         build_cli(args)
-    assert not list(tmp_path.rglob("*.ckpt"))
     sys_argv = sys.argv
     sys.argv = ["latentlab-cli", *args]
     try:

@@ -46,12 +46,23 @@ def keyed_generator(*keys: int, device: torch.device | str | None = None) -> tor
 
 
 @contextlib.contextmanager
-def seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
-    """The global RNG forked (CPU, and `device`'s if it is a GPU) and seeded with `seed` inside the block.
+def seeded_global_rng(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
+    """The CPU's global random stream, and `device`'s if it is an accelerator, seeded with `seed` inside the block and
+    restored after it.
 
-    For code that can only draw from the global stream (torch.distributions' `sample`, a method's `randn_like`):
-    its draws become a function of `seed`, and the caller's stream is where it was afterwards, so evaluation never
-    shifts the training's noise."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    For code that can only draw from the global stream (torch.distributions' `sample`, a method's `randn_like`, a
+    network's initialisation): its draws become a function of `seed`, and the caller's stream is where it was, so
+    evaluation never shifts the training's noise. Only the generators restored are seeded: `torch.manual_seed` would
+    also reseed every other GPU, and MPS, for good."""
+    device = torch.device(device)
+    accelerator = device.type != "cpu"
+    with torch.random.fork_rng(devices=[device] if accelerator else [], device_type=device.type if accelerator else None):
+        torch.default_generator.manual_seed(seed)
+        if accelerator:
+            module = torch.get_device_module(device.type)
+            per_device = getattr(module, "default_generators", None)  # cuda, xpu: one generator per device
+            if per_device:
+                per_device[device.index if device.index is not None else module.current_device()].manual_seed(seed)
+            else:  # mps: one
+                module.manual_seed(seed)
         yield

@@ -24,6 +24,7 @@ from torch import Tensor
 from latentlab.callbacks.images import tile, to_images
 from latentlab.errors import ConfigError
 from latentlab.generative import GenerativeModel
+from latentlab.rng import seeded_global_rng
 
 log = logging.getLogger("latentlab")
 REFERENCES = ("auto", "distribution", "latents")
@@ -76,8 +77,7 @@ class LatentDistributionMetrics(L.Callback):
         if self.reference == "distribution" or (self.reference == "auto" and has_distribution):
             if not has_distribution:
                 raise ConfigError(f"{type(datamodule).__name__} has no prior_distribution(); use reference=latents")
-            with torch.random.fork_rng(devices=[]):  # torch.distributions samples from the global RNG
-                torch.manual_seed(self.seed + 1)  # a stream apart from the learned draws' (seed)
+            with seeded_global_rng(self.seed + 1):  # torch.distributions samples from the global RNG; apart from `seed`
                 sample = datamodule.prior_distribution().sample((self.n_samples,))
             return sample.reshape(self.n_samples, -1).float()
         latents = getattr(datamodule, "true_latents", None)

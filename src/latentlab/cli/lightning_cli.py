@@ -31,10 +31,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from latentlab.config_schema import TRAINER_RANGES, check_model_against_trainer
 from latentlab.data import LatentDataModule
 from latentlab.entry import report
-from latentlab.errors import ConfigError
+from latentlab.errors import ConfigError, LatentlabError
 from latentlab.models import LatentVariableModel
 
-__all__ = ["LatentlabCLI", "build_cli", "check_cli_trainer", "hydra_layout", "main"]
+__all__ = ["LatentlabCLI", "build_cli", "check_cli_precision", "hydra_layout", "main"]
 
 #: `Trainer` defaults of `latentlab-cli`, the same as conf/trainer/default.yaml where it matters.
 TRAINER_DEFAULTS: dict[str, Any] = {"inference_mode": False, "max_epochs": 30}
@@ -77,22 +77,28 @@ class LatentlabCLI(LightningCLI):
                                  "writes it (torch's default; off as in latentlab-train: a memory pass over every "
                                  "activation and gradient, ~4%% of a step, that changes no value)")
 
+    def _config(self) -> dict[str, Any]:
+        return (self.config[self.subcommand] if self.subcommand else self.config).as_dict()
+
+    def before_instantiate_classes(self) -> None:
+        """A precision that casts the weights is refused before anything is built, as latentlab-train refuses it."""
+        check_cli_precision(self._config().get("trainer") or {})
+
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
-        config = (self.config[self.subcommand] if self.subcommand else self.config).as_dict()
-        check_cli_trainer(config.get("trainer") or {}, self.model)
+        config = self._config()
+        if self.subcommand in (None, "fit"):  # what only the built model can tell, for training
+            check_model_against_trainer({"trainer": config.get("trainer") or {}}, self.model)
         self.model.run_config = hydra_layout(config)
         torch.utils.deterministic.fill_uninitialized_memory = bool(config.get("fill_uninitialized_memory", False))
 
 
-def check_cli_trainer(trainer: Mapping[str, Any], model: LatentVariableModel) -> None:
-    """What `latentlab-train` refuses, refused here too before anything runs: a precision that casts the weights
-    (`--trainer.precision bf16-true|16-true|64-true`: the samplers, estimators and callbacks feed float32 tensors),
-    and the combinations the model cannot train with (ALMOND under 16-mixed, clipping a manual optimisation)."""
+def check_cli_precision(trainer: Mapping[str, Any]) -> None:
+    """`--trainer.precision bf16-true|16-true|64-true` cast the weights, and the samplers, estimators and callbacks
+    feed float32 tensors: refused as latentlab-train refuses them (config_schema.PRECISIONS)."""
     precision = trainer.get("precision")
     if precision is not None and (allowed := TRAINER_RANGES["precision"](precision)):
         raise ConfigError(f"trainer.precision must be {allowed}, got {precision!r}")
-    check_model_against_trainer({"trainer": trainer}, model)
 
 
 def build_cli(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> LatentlabCLI:
@@ -108,5 +114,5 @@ def main() -> None:
     configuration is one line on stderr and exit status 2, as with latentlab-train."""
     try:
         build_cli()
-    except ConfigError as exc:
+    except LatentlabError as exc:
         report(exc)

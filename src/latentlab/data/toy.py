@@ -16,7 +16,7 @@ from torch.distributions import Categorical, Distribution, Exponential, MixtureS
 
 from latentlab.analytic import LinearGaussian
 from latentlab.data.base import LatentDataModule, SplitData, check_int
-from latentlab.rng import Stream, keyed_generator
+from latentlab.rng import Stream, keyed_generator, seeded_global_rng
 from latentlab.errors import ConfigError
 
 
@@ -184,8 +184,7 @@ class NormalMeansDataModule(LatentDataModule):
     def _load_splits(self) -> dict[str, SplitData]:
         n = sum(self.sizes)
         seed = keyed_generator(self.data_seed, Stream.SYNTHETIC_DATA).initial_seed()
-        with torch.random.fork_rng(devices=[]):  # torch.distributions samples from the global RNG
-            torch.manual_seed(seed)
+        with seeded_global_rng(seed):  # torch.distributions samples from the global RNG
             mu = self.prior_distribution().sample((n, 1))
             x = mu + torch.randn(n, 1)
         return _split_rows(SplitData(x, latents=mu), self.sizes)

@@ -27,6 +27,7 @@ from latentlab.errors import DataError
 from latentlab.files import atomic_file
 from latentlab.nets import MLP, ConvEncoder
 from latentlab.progress import progress
+from latentlab.rng import seeded_global_rng
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +115,7 @@ def train_classifier(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: T
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     y_train, y_test = y_train.long(), y_test.long()
     num_classes = num_classes or int(max(y_train.max(), y_test.max())) + 1
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_global_rng(seed):
         model = DomainClassifier(x_train.shape[1], num_classes, image_shape, **arch).to(device)
     gen = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(x_train) / batch_size)

@@ -22,6 +22,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from torchmetrics.utilities import dim_zero_cat
 
 from latentlab.metrics.classifier import DomainClassifier
+from latentlab.rng import seeded_global_rng
 
 
 class ClassifierFeatures(nn.Module):
@@ -66,8 +67,7 @@ class _Seeded:
     seed: int
 
     def compute(self) -> Any:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
+        with seeded_global_rng(self.seed):
             return super().compute()  # type: ignore[misc]
 
 

@@ -28,6 +28,7 @@ from latentlab.models.base import (LeanLightningModule, OptimizerFactory, Schedu
 from latentlab.nets import NetSpec
 from latentlab.optim import lightning_optimizers
 from latentlab.nets.denoiser import NoiseConditionalDenoiser, tweedie_score
+from latentlab.rng import seeded_global_rng
 from latentlab.samplers.score import AlphaMixingLangevin, ScoreAnnealedLangevin, ScoreSampler, geometric_levels
 
 log = logging.getLogger("latentlab")
@@ -170,8 +171,7 @@ def fit_denoiser(points: Tensor, steps: int = 3000, batch_size: int = 512, lr: f
     std = float(points.std())
     sigma_max = float(torch.cdist(subset, subset).max()) if sigma_max is None else float(sigma_max)
     sigma_min = 0.01 * std if sigma_min is None else float(sigma_min)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
+    with seeded_global_rng(int(seed)):
         model = Denoiser(data_dim=points.shape[1], net=net or {"hidden_dims": [128, 128], "activation": "silu"},
                          sigma_max=sigma_max, sigma_min=sigma_min, n_levels=n_levels, sigma_data=std, sampler=sampler)
     opt = torch.optim.Adam(model.parameters(), lr=lr / 1.5)
