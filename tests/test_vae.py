@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from functools import partial
 
 import lightning.pytorch as L
@@ -231,4 +232,34 @@ def test_fill_uninitialized_memory_follows_the_config(tmp_path, fill) -> None:
             assert torch.isnan(torch.empty(8)).all()
     finally:
         torch.utils.deterministic.fill_uninitialized_memory = before
+
+
+class FlagProbe(L.Callback):
+    """Each process writes down torch's deterministic and NaN-fill switches as its training starts."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        flags = f"{torch.are_deterministic_algorithms_enabled()} {torch.utils.deterministic.fill_uninitialized_memory}"
+        (Path(self.out) / f"rank{trainer.global_rank}").write_text(flags)
+
+
+def test_processes_ddp_spawn_starts_get_the_fill_switch_too(tmp_path) -> None:
+    """Lightning carries the deterministic switch into the processes `ddp_spawn` starts, not torch's NaN-fill flag:
+    without `FillSwitch` both ranks NaN-filled every new tensor again."""
+    from latentlab.builders import build_datamodule, build_model, build_trainer, compose_config, resolve_paths
+
+    cfg = compose_config(["trainer=ddp_spawn", "trainer.devices=2", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
+                          "+trainer.limit_val_batches=0", "test=false", "logger=none", "callbacks=none"],
+                         output_dir=tmp_path / "run")
+    resolve_paths(cfg)
+    dm = build_datamodule(cfg)
+    before = torch.utils.deterministic.fill_uninitialized_memory
+    try:
+        build_trainer(cfg, [FlagProbe(str(tmp_path))], []).fit(build_model(cfg, dm), datamodule=dm)
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = before
+        torch.use_deterministic_algorithms(False)
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["True False"] * 2
 

@@ -100,12 +100,16 @@ def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> 
     `trainer.deterministic` turns on torch's deterministic algorithms, and with them, unless told otherwise, a NaN
     fill of every new tensor before an op writes it (`torch.utils.deterministic.fill_uninitialized_memory`): one more
     memory pass over every activation and gradient, ~4% of the MNIST VAE's step on two CPU threads, that changes
-    nothing an op computes (a correct op overwrites what it allocates). Off unless the config says true.
+    nothing an op computes (a correct op overwrites what it allocates). Off unless the config says true; set here
+    and, through `FillSwitch`, in every process `ddp_spawn` starts.
     """
     import torch
 
-    trainer = instantiate_section("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    torch.utils.deterministic.fill_uninitialized_memory = cfg.get("fill_uninitialized_memory", False)
+    from latentlab.callbacks.torch_switches import FillSwitch
+
+    fill = bool(cfg.get("fill_uninitialized_memory", False))
+    trainer = instantiate_section("trainer", cfg.trainer, callbacks=[*callbacks, FillSwitch(fill)], logger=loggers or False)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
     return trainer
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from latentlab.callbacks.torch_switches import FillSwitch
 from latentlab.config_schema import TRAINER_RANGES, check_model_against_trainer
 from latentlab.data import LatentDataModule
 from latentlab.entry import report
@@ -90,7 +91,9 @@ class LatentlabCLI(LightningCLI):
         if self.subcommand in (None, "fit"):  # what only the built model can tell, for training
             check_model_against_trainer({"trainer": config.get("trainer") or {}}, self.model)
         self.model.run_config = hydra_layout(config)
-        torch.utils.deterministic.fill_uninitialized_memory = bool(config.get("fill_uninitialized_memory", False))
+        fill = bool(config.get("fill_uninitialized_memory", False))
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+        self.trainer.callbacks.append(FillSwitch(fill))  # and in the processes ddp_spawn starts
 
 
 def check_cli_precision(trainer: Mapping[str, Any]) -> None:
