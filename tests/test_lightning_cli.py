@@ -102,7 +102,8 @@ def test_fit_every_method(tmp_path: Path, name: str, cls: type, extra: list[str]
     ("ALMOND", "16-mixed", r"trainer.precision=16-mixed does not work with almond: .*use bf16-mixed"),
 ])
 def test_precisions_latentlab_train_refuses_are_refused_here_too(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                                 name: str, precision: str, message: str) -> None:
+                                                                 monkeypatch: pytest.MonkeyPatch, name: str,
+                                                                 precision: str, message: str) -> None:
     """Weights cast to bf16/float64 met float32 tensors mid-run (a crash at the first step or at train end), and
     ALMOND's gradients in z would bypass the float16 loss scaler: refused before any step, as one line and status 2
     from the console script. (On a CPU Lightning itself would quietly run 16-mixed as bf16-mixed.)"""
@@ -115,13 +116,9 @@ def test_precisions_latentlab_train_refuses_are_refused_here_too(tmp_path: Path,
     args = ["fit", "--model", name, "--data", "DigitsDataModule", "--trainer.precision", precision, *fast(tmp_path)]
     with pytest.raises(ConfigError, match=message):
         build_cli(args)
-    sys_argv = sys.argv
-    sys.argv = ["latentlab-cli", *args]
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-    finally:
-        sys.argv = sys_argv
+    monkeypatch.setattr(sys, "argv", ["latentlab-cli", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and re.search(message, err[-1]) and err[-1].startswith("latentlab: error: ")
 
@@ -135,7 +132,7 @@ def test_nan_fill_under_deterministic_follows_the_flag_as_in_latentlab_train(tmp
     flag = [] if fill is None else ["--fill_uninitialized_memory", "true"]
     try:
         build_cli(["--model", "VAE", "--data", "DigitsDataModule", "--trainer.deterministic", "true", *flag,
-                         *fast(tmp_path)], run=False)
+                   *fast(tmp_path)], run=False)
         assert torch.are_deterministic_algorithms_enabled()
         assert torch.utils.deterministic.fill_uninitialized_memory is bool(fill)
     finally:

@@ -385,9 +385,17 @@ def _validate_trainer(cfg: DictConfig) -> None:
     trainer = {k: v for k, v in _resolved_trainer(cfg).items()}
     if err := _target_error("trainer", trainer):
         raise ConfigError(err)
-    for key, check in TRAINER_RANGES.items():
-        if key in trainer and (allowed := check(trainer[key])):
-            raise ConfigError(f"trainer.{key} must be {allowed}, got {trainer[key]!r}")
+    for key in TRAINER_RANGES:
+        if key in trainer and (err := trainer_value_error(key, trainer[key])):
+            raise ConfigError(err)
+
+
+def trainer_value_error(key: str, value: Any) -> str | None:
+    """What is wrong with `trainer.<key>=value` by `TRAINER_RANGES` (None: fine, or a key it does not check); shared
+    with latentlab-cli, which checks the precision with it."""
+    check = TRAINER_RANGES.get(key)
+    allowed = check(value) if check is not None else None
+    return f"trainer.{key} must be {allowed}, got {value!r}" if allowed else None
 
 
 def _resolved_trainer(cfg: DictConfig) -> dict[str, Any]:

@@ -29,13 +29,13 @@ import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from latentlab.callbacks.torch_switches import FillSwitch
-from latentlab.config_schema import TRAINER_RANGES, check_model_against_trainer
+from latentlab.config_schema import check_model_against_trainer, trainer_value_error
 from latentlab.data import LatentDataModule
 from latentlab.entry import report
 from latentlab.errors import ConfigError, LatentlabError
 from latentlab.models import LatentVariableModel
 
-__all__ = ["LatentlabCLI", "build_cli", "check_cli_precision", "hydra_layout", "main"]
+__all__ = ["LatentlabCLI", "build_cli", "hydra_layout", "main"]
 
 #: `Trainer` defaults of `latentlab-cli`, the same as conf/trainer/default.yaml where it matters.
 TRAINER_DEFAULTS: dict[str, Any] = {"inference_mode": False, "max_epochs": 30}
@@ -82,8 +82,11 @@ class LatentlabCLI(LightningCLI):
         return (self.config[self.subcommand] if self.subcommand else self.config).as_dict()
 
     def before_instantiate_classes(self) -> None:
-        """A precision that casts the weights is refused before anything is built, as latentlab-train refuses it."""
-        check_cli_precision(self._config().get("trainer") or {})
+        """A precision that casts the weights (bf16-true|16-true|64-true: the samplers, estimators and callbacks feed
+        float32 tensors) is refused before anything is built, as latentlab-train refuses it."""
+        precision = (self._config().get("trainer") or {}).get("precision")
+        if precision is not None and (err := trainer_value_error("precision", precision)):
+            raise ConfigError(err)
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -94,14 +97,6 @@ class LatentlabCLI(LightningCLI):
         fill = bool(config.get("fill_uninitialized_memory", False))
         torch.utils.deterministic.fill_uninitialized_memory = fill
         self.trainer.callbacks.append(FillSwitch(fill))  # and in the processes ddp_spawn starts
-
-
-def check_cli_precision(trainer: Mapping[str, Any]) -> None:
-    """`--trainer.precision bf16-true|16-true|64-true` cast the weights, and the samplers, estimators and callbacks
-    feed float32 tensors: refused as latentlab-train refuses them (config_schema.PRECISIONS)."""
-    precision = trainer.get("precision")
-    if precision is not None and (allowed := TRAINER_RANGES["precision"](precision)):
-        raise ConfigError(f"trainer.precision must be {allowed}, got {precision!r}")
 
 
 def build_cli(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> LatentlabCLI:

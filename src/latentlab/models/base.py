@@ -197,17 +197,20 @@ class LatentVariableModel(LeanLightningModule):
         if seed is not None:
             self.eval_seed = int(seed)
 
+    def _eval_key(self, stage: str, batch_idx: int) -> tuple[int, int, int, int]:
+        """(stage, epoch, batch, rank): where an evaluation's draws are, so a resumed run makes the same ones."""
+        return (STAGE_IDS.get(stage, 0), self.current_epoch if self._trainer else 0, batch_idx,
+                self.global_rank if self._trainer else 0)
+
     def eval_generator(self, stage: str, batch_idx: int, device: torch.device) -> torch.Generator:
         """The evaluation's own stream keyed on (seed, stage, epoch, batch, rank): reproducible on resume."""
-        key = (self.eval_seed, STAGE_IDS.get(stage, 0), self.current_epoch if self._trainer else 0, batch_idx,
-               self.global_rank if self._trainer else 0)
+        key = (self.eval_seed, *self._eval_key(stage, batch_idx))
         return torch.Generator(device=device).manual_seed(hash(key) % (2**62))
 
     def _diagnostics_seed(self, stage: str, batch_idx: int) -> int:
         """The seed `evaluate_batch` draws under (its own keyed stream): its numbers are reproducible, and validation
         leaves the training's global stream alone, so a run is the same with validation on, off or more frequent."""
-        return key_seed(self.eval_seed, Stream.EVAL_DIAGNOSTICS, STAGE_IDS.get(stage, 0),
-                        self.current_epoch if self._trainer else 0, batch_idx, self.global_rank if self._trainer else 0)
+        return key_seed(self.eval_seed, Stream.EVAL_DIAGNOSTICS, *self._eval_key(stage, batch_idx))
 
     def log_px(self, x: Tensor, index: Tensor | None = None, stage: str = "test",
                generator: torch.Generator | None = None) -> LogPxEstimate:
