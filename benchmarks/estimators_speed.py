@@ -15,7 +15,8 @@ it (weights as initialised: cost does not depend on them), MNIST test images bin
   `get_nll` (one image at a time) on the same images (goal: latentlab at least 2x faster).
 - AIS with HMC: seconds per annealing step against the floor, (leapfrog + 1) forward+backward passes of
   log p(x, z) w.r.t. z over the (chains, batch, d) states. Goal: <= 1.2x. Shown with the pilot run that
-  tunes the step sizes (the default) and without it (`adapt=False`).
+  tunes the step sizes (the default) and without it (`adapt=False`). Chains and leapfrog steps default to the
+  `standard` test protocol's (8 and 5): the pilot's one chain costs 1/chains of the run on top.
 Rounds alternate the contenders, so a slow phase of the shared machine hits each; medians of rounds.
 """
 
@@ -176,8 +177,9 @@ def main() -> None:
     parser.add_argument("--is-n", type=int, default=200, help="test images for IS (the issue's: 1000)")
     parser.add_argument("--ais-n", type=int, default=100)
     parser.add_argument("--ais-steps", type=int, default=30)
-    parser.add_argument("--chains", type=int, default=4)
-    parser.add_argument("--leapfrog", type=int, default=5)
+    standard = NLLSettings.preset("standard")  # the test protocol's chains and leapfrog steps
+    parser.add_argument("--chains", type=int, default=standard.ais_chains)
+    parser.add_argument("--leapfrog", type=int, default=standard.ais_leapfrog)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip", nargs="*", default=[], choices=["is", "ais"])
     parser.add_argument("--pythae-python", default=None, help="interpreter of a venv with pythae 0.1.2")

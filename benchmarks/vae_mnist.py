@@ -8,7 +8,7 @@
 The model of issue 14: VAE 784-512-512-(2x32), Bernoulli decoder, MNIST 60k statically binarized at 0.5,
 batch 128, Adam 1e-3, no validation. latentlab runs as `latentlab-train` builds it, default callbacks
 included (progress bar, model summary, atomic checkpoint at epoch ends 30 s apart, RNG states, NaN guard, CSV logger),
-one `fit` of all epochs. The hand-written loop is what a researcher writes (`hand_vae.py`): slices of the same
+one `fit` of all epochs, its progress bar drawn as in a terminal (into /dev/null; `--bar pipe`: as into a file). The hand-written loop is what a researcher writes (`hand_vae.py`): slices of the same
 tensor, `torch.optim.Adam(params, lr)` as PyTorch defaults it, from latentlab's initial weights. It runs twice:
 inside this process ("hand", the strict baseline: this process's heap is already laid out) and as a script of
 its own ("hand script", what `python my_vae.py` runs; the faults/step column shows what that costs it). pythae
@@ -40,6 +40,8 @@ from typing import Any
 
 import lightning.pytorch as L
 import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import RichProgressBar
 
 from hand_vae import BATCH, LATENT, LR, HandLoop, minor_faults  # this script's folder is on sys.path
 from scratch import scratch_dir
@@ -61,7 +63,7 @@ def is_log_px(log_joint: Any, x: torch.Tensor, mean: torch.Tensor, log_var: torc
         return importance_sampling_log_likelihood(log_joint, q, x, k=k, chunk_size=chunk_size, generator=generator)
 
 BREAKDOWN = {  # variant -> overrides on top of the defaults: what each default costs
-    "no progress bar": ["callbacks.progress_bar=null"],
+    "no progress bar": ["callbacks.progress_bar=null"],  # and so no bar at all (builders.build_trainer)
     "no NaN guard": ["callbacks.numerics=null"],
     "no ckpt/RNG/logger": ["callbacks.model_checkpoint=null", "callbacks.random_state=null", "logger=none",
                            "+trainer.enable_checkpointing=false"],
@@ -205,12 +207,24 @@ def run_variant(args: argparse.Namespace, extra: list[str], workers: bool) -> tu
                                           [*common, "--epochs", str(args.epochs), "--batch", str(BATCH), "--lr", str(LR),
                                            "--latent", str(LATENT)])
     turns = TakeTurns(others)
-    trainer = build_trainer(cfg, [*build_callbacks(cfg), turns], build_loggers(cfg))
+    trainer = build_trainer(cfg, [*callbacks_as_run(cfg, args.bar), turns], build_loggers(cfg))
     trainer.fit(model, datamodule=dm)
     for other in others.values():
         if isinstance(other, Worker):
             other.close()
     return turns.times, model, others["hand"], dm
+
+
+def callbacks_as_run(cfg: Any, bar: str) -> list[Any]:
+    """latentlab-train's default callbacks; with `bar` "terminal" the progress bar draws as it does in a terminal
+    (Rich's redraws included: what a user at a terminal pays), into /dev/null; with "pipe" as with output to a pipe
+    or file (Rich then skips drawing; the benchmark's runs before 2026-12-07 17:00 UTC measured that)."""
+    callbacks = build_callbacks(cfg)
+    if bar != "terminal":
+        return callbacks
+    console = {"force_terminal": True, "file": open(os.devnull, "w")}  # noqa: SIM115 (lives as long as the process)
+    return [instantiate(cfg.callbacks.progress_bar, console_kwargs=console) if isinstance(cb, RichProgressBar) else cb
+            for cb in callbacks]
 
 
 SYNC_EVENTS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
@@ -319,6 +333,8 @@ def main() -> None:
     parser.add_argument("--cpus", default="auto", help="pin this process and pythae's to these CPUs (e.g. 1 or 0,1); "
                         "auto: one CPU per thread, the last ones; none: no pinning")
     parser.add_argument("--trainer", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument("--bar", default="terminal", choices=["terminal", "pipe"],
+                        help="latentlab's progress bar draws as in a terminal (into /dev/null) or as into a pipe")
     parser.add_argument("--train-subset", type=int, default=None, help="fewer training images (quick runs)")
     parser.add_argument("--pythae-python", default=None, help="interpreter of a venv with pythae 0.1.2: third column")
     parser.add_argument("--breakdown", action="store_true", help="also time variants, each without one default")
@@ -332,7 +348,7 @@ def main() -> None:
     cpus = pin(args.cpus, args.threads)
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(f"VAE 784-512-512-(2x{LATENT}), MNIST binarized at 0.5, batch {BATCH}, Adam {LR}, {args.threads} thread(s), "
-          f"{args.trainer}, torch {torch.__version__}, {when}, CPUs {cpus or 'not pinned'}")
+          f"{args.trainer}, torch {torch.__version__}, {when}, CPUs {cpus or 'not pinned'}, progress bar drawn as into a {args.bar}")
     if args.count_syncs:
         args.seed = args.seeds[0]
         count_syncs(args, args.count_syncs)

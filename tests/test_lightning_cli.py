@@ -138,3 +138,20 @@ def test_nan_fill_under_deterministic_follows_the_flag_as_in_latentlab_train(tmp
     finally:
         torch.utils.deterministic.fill_uninitialized_memory = before
         torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("given, expected", [([], "MethodProgressBar"),
+                                              (["--trainer.callbacks", "lightning.pytorch.callbacks.TQDMProgressBar"],
+                                               "TQDMProgressBar"),
+                                              (["--trainer.enable_progress_bar", "false"], None)])
+def test_progress_bar_is_latentlab_trains_unless_the_config_names_one(tmp_path: Path, given: list[str],
+                                                                       expected: str | None) -> None:
+    """Lightning's own Rich bar redraws up to 100 times a second; the CLI's default bar is latentlab-train's (10)."""
+    args = fast(tmp_path)
+    at = args.index("--trainer.enable_progress_bar")
+    del args[at: at + 2]
+    cli = build_cli(["--model", "VAE", "--data", "DigitsDataModule", *args, *given], run=False)
+    bar = cli.trainer.progress_bar_callback
+    assert (type(bar).__name__ if bar is not None else None) == expected
+    if expected == "MethodProgressBar":
+        assert bar.refresh_rate == 10 and sum(cb is bar for cb in cli.trainer.callbacks) == 1

@@ -9,6 +9,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -208,6 +209,67 @@ def test_progress_bar_refreshes_its_metrics_sparingly_but_shows_each_epochs_last
     # 12 batches: every batch refreshes at interval 0; with a long one only the first batch (nothing shown yet) and
     # each epoch's last do (the epoch-end hooks refresh in both runs)
     assert counts[0] - counts[1e9] == 12 - 3
+
+
+class DrawProbe(L.Callback):
+    """Counts the progress bar's redraws (Rich's `Live.refresh`, from its refresh thread) between the training's start
+    and end, with the seconds and batches in between."""
+
+    draws: ClassVar[list[int]] = []
+    window: ClassVar[dict[str, float]] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        DrawProbe.window.update(draws=-len(DrawProbe.draws), seconds=-time.monotonic())
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        DrawProbe.window["draws"] += len(DrawProbe.draws)
+        DrawProbe.window["seconds"] += time.monotonic()
+        DrawProbe.window["batches"] = trainer.fit_loop.total_batch_idx + 1
+
+
+def test_progress_bar_redraws_at_most_ten_times_a_second_in_a_terminal(tmp_path: Path, monkeypatch) -> None:
+    """Lightning's Rich bar redraws up to 100 times a second, ~0.8 ms of Python each in a terminal: at a fast
+    model's ~80 batches a second that was 3-13% of the run. Each batch asks for a redraw; the bar's thread may draw
+    at most once per 1/10 s, plus the draws at the bar's start and stop and at epoch boundaries."""
+    from rich.live import Live
+
+    original = Live.refresh
+
+    def counted(self: Live) -> None:
+        DrawProbe.draws.append(1)
+        original(self)
+
+    monkeypatch.setattr(Live, "refresh", counted)
+    DrawProbe.draws, DrawProbe.window = [], {}
+    api.train(["trainer.max_epochs=2", "data.batch_size=8", "data.val_size=0", "test=false", "logger=none",
+               "callbacks.image_grid=null", "+callbacks.progress_bar.console_kwargs.force_terminal=true",
+               "+callbacks.draw_probe._target_=test_workflow.DrawProbe"], run_dir=tmp_path / "run")
+    window = DrawProbe.window
+    bound = 10 * window["seconds"] + 4 * 2 + 2
+    assert window["batches"] >= 3 * bound  # asked for a redraw each batch: the test could see too many
+    assert window["draws"] <= bound, window
+
+
+class BarKind(L.Callback):
+    """Records the Trainer's progress bar callback (None: no bar)."""
+
+    seen: ClassVar[list[Any]] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        BarKind.seen.append(trainer.progress_bar_callback)
+
+
+def test_callbacks_progress_bar_null_means_no_bar_not_lightnings_own(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ProgressBar
+
+    BarKind.seen = []
+    probe = "+callbacks.kind._target_=test_workflow.BarKind"
+    for extra in (["callbacks.progress_bar=null"], ["callbacks.progress_bar=null", "+trainer.enable_progress_bar=true"]):
+        api.train(["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "data.val_size=0", "test=false",
+                   "logger=none", "callbacks.image_grid=null", probe, *extra], run_dir=tmp_path / f"run{len(extra)}")
+    assert BarKind.seen[0] is None  # the config's null
+    bar = BarKind.seen[1]  # asked for Lightning's own bar explicitly
+    assert isinstance(bar, ProgressBar) and not isinstance(bar, MethodProgressBar)
 
 
 def offline_run_dir(run_dir: Path) -> Path:

@@ -101,14 +101,21 @@ def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> 
     fill of every new tensor before an op writes it (`torch.utils.deterministic.fill_uninitialized_memory`): one more
     memory pass over every activation and gradient, ~4% of the MNIST VAE's step on two CPU threads, that changes
     nothing an op computes (a correct op overwrites what it allocates). Off unless the config says true; set here
-    and, through `FillSwitch`, in every process `ddp_spawn` starts.
+    and, through `FillSwitch`, in every process `ddp_spawn` starts. Without a progress bar among `callbacks`
+    (`callbacks.progress_bar=null`) it turns off the bar Lightning would add instead, unless `trainer.enable_progress_bar`
+    says otherwise.
     """
     import torch
+    from lightning.pytorch.callbacks import ProgressBar
 
     from latentlab.callbacks.torch_switches import FillSwitch
 
     fill = bool(cfg.get("fill_uninitialized_memory", False))
-    trainer = instantiate_section("trainer", cfg.trainer, callbacks=[*callbacks, FillSwitch(fill)], logger=loggers or False)
+    extra = {}
+    if "enable_progress_bar" not in cfg.trainer and not any(isinstance(cb, ProgressBar) for cb in callbacks):
+        extra["enable_progress_bar"] = False  # `callbacks.progress_bar=null` means no bar, not Lightning's own
+    trainer = instantiate_section("trainer", cfg.trainer, callbacks=[*callbacks, FillSwitch(fill)], logger=loggers or False,
+                                  **extra)
     torch.utils.deterministic.fill_uninitialized_memory = fill
     return trainer
 

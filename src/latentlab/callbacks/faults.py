@@ -39,6 +39,7 @@ from latentlab.errors import ConfigError, NumericalError
 from latentlab.models.base import LatentVariableModel
 
 CLIP_ALGORITHMS = ("norm", "value")
+WIDE = (torch.float32, torch.float64)  # gradient dtypes summed as they are (half ones are summed in float32)
 LOSS, GRADIENT = 0, 1  # kinds of a deferred finding
 
 
@@ -107,6 +108,16 @@ def _entry_bounds(grads: list[Tensor], wide: bool = False) -> Tensor:
         return torch.stack([n.to(device) for n in torch._foreach_norm(grads, math.inf)])
     return torch.stack([g.sum(dtype=torch.float64 if wide else torch.promote_types(g.dtype, torch.float32)).to(device)
                         for g in grads])
+
+
+def _all_finite_now(grads: list[Tensor]) -> bool:
+    """Whether the gradients look finite, read now (a finite-gradient sum may overflow: the caller rechecks entry by
+    entry). On CPU each gradient's sum goes straight into a Python float: fewer dispatches than stacking the sums on
+    the device first, 170 against 260 us in a step of the MNIST VAE (2 threads, 2026-12-07), where each op after the
+    backward pass meets cold caches; elsewhere the stacked bounds, read once (one host sync instead of one each)."""
+    if not grads[0].is_cpu:
+        return math.isfinite(float(_entry_bounds(grads).sum()))
+    return math.isfinite(sum((g.sum() if g.dtype in WIDE else g.sum(dtype=torch.float32)).item() for g in grads))
 
 
 def _where(trainer: L.Trainer) -> str:
@@ -194,24 +205,26 @@ class NumericalGuard(L.Callback):
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
         if not self.check_loss:
             return
-        finite = torch.isfinite(loss.detach()).all()
         if self._every > 1:
-            self._record(~finite, trainer.global_step, LOSS)
+            self._record(~torch.isfinite(loss.detach()).all(), trainer.global_step, LOSS)
             return
+        # a scalar loss is read once (11 against 65 us in situ for isfinite + all + bool, 2026-12-07)
+        finite = math.isfinite(float(loss)) if loss.numel() == 1 else bool(torch.isfinite(loss.detach()).all())
         bad_ranks: list[int] = []
         if trainer.world_size > 1:
             # every rank must stop at this same step: a rank that raised alone would leave the others
             # waiting in the gradient all-reduce; one all-gather of a flag per backward tells them all
-            flags = trainer.strategy.all_gather(finite.to(torch.int32)).reshape(-1)
+            flag = torch.tensor(int(finite), dtype=torch.int32, device=loss.device)
+            flags = trainer.strategy.all_gather(flag).reshape(-1)
             bad_ranks = [r for r, ok in enumerate(flags.tolist()) if not ok]
             if not bad_ranks:
                 return
-        elif bool(finite):
+        elif finite:
             return
         method = getattr(pl_module, "method", type(pl_module).__name__)
         where = f" on rank {', '.join(map(str, bad_ranks))} of {trainer.world_size}" if bad_ranks else ""
-        detail = self.blame() if not bool(finite) else "diagnosis on that rank (this rank's loss was finite)"
-        value = f" ({float(loss.detach().float().sum())})" if not bool(finite) else ""
+        detail = self.blame() if not finite else "diagnosis on that rank (this rank's loss was finite)"
+        value = f" ({float(loss.detach().float().sum())})" if not finite else ""
         exc = NumericalError(f"non-finite loss{value} at {_where(trainer)}{where} of {method}; {detail}")
         exc.diagnosed = True  # type: ignore[attr-defined]
         raise exc
@@ -226,7 +239,7 @@ class NumericalGuard(L.Callback):
         norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0) if clip_norm else None
         if self.check_grads and self._every > 1:
             self._record_gradients(trainer, params, grads)
-        elif self.check_grads and not math.isfinite(float(norm if norm is not None else _entry_bounds(grads).sum())):
+        elif self.check_grads and not (math.isfinite(float(norm)) if norm is not None else _all_finite_now(grads)):
             self._raise_on_gradients(trainer, pl_module, params)
         if self.gradient_clip_val is not None:
             if self.gradient_clip_algorithm == "norm":
