@@ -8,8 +8,9 @@
 The model of issue 14: VAE 784-512-512-(2x32), Bernoulli decoder, MNIST 60k statically binarized at 0.5,
 batch 128, Adam 1e-3, no validation. latentlab runs as `latentlab-train` builds it, default callbacks
 included (progress bar, model summary, atomic checkpoint at epoch ends 30 s apart, RNG states, NaN guard, CSV logger),
-one `fit` of all epochs, its progress bar drawn as in a terminal (into /dev/null; `--bar pipe`: as into a file). The hand-written loop is what a researcher writes (`hand_vae.py`): slices of the same
-tensor, `torch.optim.Adam(params, lr)` as PyTorch defaults it, from latentlab's initial weights. It runs twice:
+one `fit` of all epochs, its progress bar drawn as in a terminal (into /dev/null; `--bar pipe`: as into a file).
+The hand-written loop is what a researcher writes (`hand_vae.py`): slices of the same tensor,
+`torch.optim.Adam(params, lr)` as PyTorch defaults it, from latentlab's initial weights. It runs twice:
 inside this process ("hand", the strict baseline: this process's heap is already laid out) and as a script of
 its own ("hand script", what `python my_vae.py` runs; the faults/step column shows what that costs it). pythae
 (optional, from its own interpreter, see `pythae_vae.py`) trains the same networks. The loops take turns epoch
@@ -348,7 +349,8 @@ def main() -> None:
     cpus = pin(args.cpus, args.threads)
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(f"VAE 784-512-512-(2x{LATENT}), MNIST binarized at 0.5, batch {BATCH}, Adam {LR}, {args.threads} thread(s), "
-          f"{args.trainer}, torch {torch.__version__}, {when}, CPUs {cpus or 'not pinned'}, progress bar drawn as into a {args.bar}")
+          f"{args.trainer}, torch {torch.__version__}, {when}, CPUs {cpus or 'not pinned'}, "
+          f"progress bar drawn as into a {args.bar}")
     if args.count_syncs:
         args.seed = args.seeds[0]
         count_syncs(args, args.count_syncs)

@@ -229,7 +229,7 @@ class DrawProbe(L.Callback):
 
 def test_progress_bar_redraws_at_most_ten_times_a_second_in_a_terminal(tmp_path: Path, monkeypatch) -> None:
     """Lightning's Rich bar redraws up to 100 times a second, ~0.8 ms of Python each in a terminal: at a fast
-    model's ~80 batches a second that was 3-13% of the run. Each batch asks for a redraw; the bar's thread may draw
+    model's ~80 batches a second that was 11-13% of the run. Each batch asks for a redraw; the bar's thread may draw
     at most once per 1/10 s, plus the draws at the bar's start and stop and at epoch boundaries."""
     from rich.live import Live
 

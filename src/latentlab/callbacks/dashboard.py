@@ -90,8 +90,8 @@ class MethodProgressBar(RichProgressBar):
 
     It redraws at most `refresh_rate` (10) times a second, tqdm's pace, rather than Lightning's 100: Rich redraws
     from a thread of its own, and in a terminal one redraw costs ~0.8 ms of Python holding the GIL: at the
-    MNIST VAE's ~80 batches a second on two cores that was ~3% of the training's time drawing into /dev/null and 13%
-    through a pseudo-terminal (2026-12-07, `benchmarks/vae_mnist.py`); at 10 a second, a tenth of it.
+    MNIST VAE's ~80 batches a second on two cores that was 11% of a step drawing into /dev/null and 13% through a
+    pseudo-terminal; at 10 a second, 2-3.5% (2026-12-07, side by side in one process; README, Benchmarks).
     """
 
     def __init__(self, *args: Any, refresh_rate: int = 10, metrics_interval_s: float = 0.5, **kwargs: Any) -> None:

@@ -103,7 +103,7 @@ class LatentlabCLI(LightningCLI):
 
     def _method_progress_bar(self) -> None:
         """Where the config names no progress bar, Lightning added its own Rich bar, which redraws up to 100 times a
-        second (3-13% of a fast model's time in a terminal): latentlab-train's `MethodProgressBar` replaces it."""
+        second (11-13% of a fast model's time in a terminal): latentlab-train's `MethodProgressBar` replaces it."""
         init = self.config_init[self.subcommand] if self.subcommand else self.config_init
         given = init.get("trainer", {}).get("callbacks") or []
         named = any(isinstance(cb, ProgressBar) for cb in (given if isinstance(given, list) else [given]))
