@@ -47,6 +47,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from hand_vae import BATCH, LATENT, LR, HandLoop, minor_faults  # this script's folder is on sys.path
 from scratch import scratch_dir
 from latentlab.builders import build_callbacks, build_datamodule, build_loggers, build_model, build_trainer, compose_config, resolve_paths
+from latentlab.callbacks.torch_switches import flushing_denormals, set_flush_denormal_everywhere
 
 
 def is_log_px(log_joint: Any, x: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor, k: int, chunk_size: int,
@@ -113,16 +114,19 @@ class Worker:
 @contextlib.contextmanager
 def script_defaults() -> Iterator[None]:
     """Run a hand-written loop as a script of its own runs: without the deterministic mode (and its flags) that
-    latentlab's Trainer switches on for the whole process."""
+    latentlab's Trainer switches on for the whole process, and with subnormals computed as such in every thread
+    (latentlab's `flush_denormal`: a script does not set it)."""
     det, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    fill = torch.utils.deterministic.fill_uninitialized_memory
+    fill, flush = torch.utils.deterministic.fill_uninitialized_memory, flushing_denormals()
     torch.use_deterministic_algorithms(False)
     torch.utils.deterministic.fill_uninitialized_memory = True
+    set_flush_denormal_everywhere(False)
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(det, warn_only=warn)
         torch.utils.deterministic.fill_uninitialized_memory = fill
+        set_flush_denormal_everywhere(flush)
 
 
 class TakeTurns(L.Callback):

@@ -178,6 +178,7 @@ def test_train_classifier_command_caches_and_reuses(tmp_path: Path) -> None:
     ("eval.quality.generated=pixels", "eval.quality.generated"),
     # the top level and the trainer, as latentlab-train checks them: a typo must not read as true, or be dropped
     ("fill_uninitialized_memory=maybe", "fill_uninitialized_memory must be true or false, got 'maybe'"),
+    ("flush_denormal=2", "flush_denormal must be true or false, got 2"),
     ("seed=abc", "seed must be an integer"),
     ("+sed=1", r"unknown top-level config key\(s\) sed"),
     ("+trainer.limit_test_batches=-1", "trainer.limit_test_batches"),

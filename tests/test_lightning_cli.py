@@ -155,3 +155,27 @@ def test_progress_bar_is_latentlab_trains_unless_the_config_names_one(tmp_path: 
     assert (type(bar).__name__ if bar is not None else None) == expected
     if expected == "MethodProgressBar":
         assert bar.refresh_rate == 10 and sum(cb is bar for cb in cli.trainer.callbacks) == 1
+
+
+@pytest.mark.parametrize("flush", [None, False])
+def test_subnormals_are_flushed_while_fitting_unless_the_flag_says_false(tmp_path: Path, flush: bool | None) -> None:
+    """As in latentlab-train: every CPU thread reads and writes subnormals as zero during `fit` (an operation on one
+    costs ~100 cycles on an Intel CPU), and the caller's setting is back afterwards; `--flush_denormal false` keeps
+    them."""
+    import lightning.pytorch as L
+
+    from latentlab.callbacks.torch_switches import flushing_denormals
+
+    class Probe(L.Callback):
+        def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            self.flushing = flushing_denormals()
+
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush subnormals")
+    flag = [] if flush is None else ["--flush_denormal", "false"]
+    cli = build_cli(["--model", "VAE", "--data", "DigitsDataModule", *flag, *fast(tmp_path)], run=False)
+    probe = Probe()
+    cli.trainer.callbacks.append(probe)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert probe.flushing is (flush is None)
+    assert not flushing_denormals()

@@ -247,7 +247,7 @@ class FlagProbe(L.Callback):
 
 def test_processes_ddp_spawn_starts_get_the_fill_switch_too(tmp_path) -> None:
     """Lightning carries the deterministic switch into the processes `ddp_spawn` starts, not torch's NaN-fill flag:
-    without `FillSwitch` both ranks NaN-filled every new tensor again."""
+    without `TorchSwitches` both ranks NaN-filled every new tensor again."""
     from latentlab.builders import build_datamodule, build_model, build_trainer, compose_config, resolve_paths
 
     cfg = compose_config(["trainer=ddp_spawn", "trainer.devices=2", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",

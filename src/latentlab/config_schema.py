@@ -39,6 +39,7 @@ TOP_LEVEL: dict[str, Any] = {
     "test": bool,
     "optimized_metric": str | None,
     "fill_uninitialized_memory": bool,
+    "flush_denormal": bool,
 }
 SECTIONS = ("data", "net", "model", "sampler", "trainer", "callbacks", "logger", "paths", "eval", "hydra", "experiment",
             "hparams_search")
@@ -50,6 +51,7 @@ EVAL_TOP_LEVEL: dict[str, Any] = {  # conf/eval.yaml (latentlab-eval)
     "train_classifier": str | None,
     "data_overrides": dict[str, Any] | None,
     "fill_uninitialized_memory": bool,
+    "flush_denormal": bool,
 }
 EVAL_SECTIONS = ("eval", "trainer", "logger", "callbacks", "paths", "hydra")  # callbacks: logger=wandb|tensorboard's
 SEED_MAX = 2**32 - 1  # numpy's seed range, which seed_everything enforces

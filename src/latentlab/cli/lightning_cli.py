@@ -30,7 +30,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from latentlab.callbacks.dashboard import MethodProgressBar
-from latentlab.callbacks.torch_switches import FillSwitch
+from latentlab.callbacks.torch_switches import TorchSwitches
 from latentlab.config_schema import check_model_against_trainer, trainer_value_error
 from latentlab.data import LatentDataModule
 from latentlab.entry import report
@@ -79,6 +79,9 @@ class LatentlabCLI(LightningCLI):
                             help="under --trainer.deterministic, have torch fill each new tensor with NaN before an op "
                                  "writes it (torch's default; off as in latentlab-train: a memory pass over every "
                                  "activation and gradient, ~4%% of a step, that changes no value)")
+        parser.add_argument("--flush_denormal", type=bool, default=True,
+                            help="read and write subnormal floats as zero in every CPU thread while the Trainer runs "
+                                 "(as latentlab-train: on an Intel CPU each operation on one takes a microcode assist)")
 
     def _config(self) -> dict[str, Any]:
         return (self.config[self.subcommand] if self.subcommand else self.config).as_dict()
@@ -98,7 +101,8 @@ class LatentlabCLI(LightningCLI):
         self.model.run_config = hydra_layout(config)
         fill = bool(config.get("fill_uninitialized_memory", False))
         torch.utils.deterministic.fill_uninitialized_memory = fill
-        self.trainer.callbacks.append(FillSwitch(fill))  # and in the processes ddp_spawn starts
+        flush = bool(config.get("flush_denormal", True))
+        self.trainer.callbacks.append(TorchSwitches(fill, flush))  # and in the processes ddp_spawn starts
         self._method_progress_bar()
 
     def _method_progress_bar(self) -> None:
