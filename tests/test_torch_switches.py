@@ -36,11 +36,12 @@ def test_the_flush_reaches_every_thread_torch_splits_work_over() -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        torch.randn(1 << 20).mul(2.0)  # the worker thread exists, without the flag
+        torch.randn(1 << 20).mul(2.0)  # the worker thread exists
+        if not set_flush_denormal_everywhere(False):  # and neither thread flushes
+            pytest.skip("this CPU cannot flush subnormals")
         size = 1 << 20
         assert adam_left_subnormal(size) == size
-        if not torch.set_flush_denormal(True):
-            pytest.skip("this CPU cannot flush subnormals")
+        torch.set_flush_denormal(True)
         assert 0 < adam_left_subnormal(size) < size, "torch's own switch now reaches the workers: simplify"
         assert set_flush_denormal_everywhere(True) and flushing_denormals()
         assert adam_left_subnormal(size) == 0
@@ -89,3 +90,24 @@ def test_flushing_subnormals_changes_no_weight_of_a_run(tmp_path) -> None:
     assert subnormals(flushed_moments) == 0
     for ours, theirs in zip(plain.parameters(), flushed.parameters()):
         assert torch.equal(ours, theirs)
+
+
+class Boom(L.Callback):
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        self.flushing = flushing_denormals()
+        raise RuntimeError("boom")
+
+
+def test_a_run_that_raises_gives_the_callers_setting_back(tmp_path) -> None:
+    """Lightning calls no `teardown` when a run raises (a NaN stop, a bad batch): the flag must not outlive it."""
+    from latentlab.builders import build_datamodule, build_model, build_trainer, compose_config, resolve_paths
+
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush subnormals")
+    cfg = compose_config(["trainer.max_epochs=1", "test=false", "callbacks=none", "logger=none"], output_dir=tmp_path)
+    resolve_paths(cfg)
+    dm = build_datamodule(cfg)
+    boom = Boom()
+    with pytest.raises(RuntimeError, match="boom"):
+        build_trainer(cfg, [boom], []).fit(build_model(cfg, dm), datamodule=dm)
+    assert boom.flushing and not flushing_denormals()

@@ -78,6 +78,12 @@ class TorchSwitches(L.Callback):
             set_flush_denormal_everywhere(True)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()  # a run that raises gets no `teardown` from Lightning
+
+    def _restore(self) -> None:
         if self._flushing_before is not None:
             set_flush_denormal_everywhere(self._flushing_before)
             self._flushing_before = None
