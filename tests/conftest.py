@@ -43,3 +43,13 @@ def decoder_tables(monkeypatch: pytest.MonkeyPatch) -> list:
     around = DecoderTable.around.__func__  # type: ignore[attr-defined]
     monkeypatch.setattr(DecoderTable, "around", classmethod(lambda cls, *a, **k: built.append(around(cls, *a, **k)) or built[-1]))
     return built
+
+
+@pytest.fixture(autouse=True)
+def no_flush_outlives_a_run():
+    """A run flushes subnormals to zero in every thread while its Trainer runs (`flush_denormal`) and must give the
+    process its setting back, also when it raises or is interrupted: no test may leave the flag on behind it."""
+    from latentlab.callbacks.torch_switches import flushing_denormals
+
+    yield
+    assert not flushing_denormals(), "the process still flushes subnormals after this test: a run did not give it back"
