@@ -95,16 +95,16 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> L.Trainer:
-    """Lightning's Trainer from `cfg.trainer`, and torch's switches beside it (`fill_uninitialized_memory`, `flush_denormal`).
+    """Lightning's Trainer from `cfg.trainer`, and torch's switches beside it (NaN fill, subnormals flushed).
 
     `trainer.deterministic` turns on torch's deterministic algorithms, and with them, unless told otherwise, a NaN
     fill of every new tensor before an op writes it (`torch.utils.deterministic.fill_uninitialized_memory`): one more
     memory pass over every activation and gradient, ~4% of the MNIST VAE's step on two CPU threads, that changes
     nothing an op computes (a correct op overwrites what it allocates). Off unless the config says true; set here
-    and, through `TorchSwitches`, in every process `ddp_spawn` starts; `flush_denormal` (default true) has every CPU
-    thread read and write subnormal floats as zero while the Trainer runs (`TorchSwitches` says why). Without a progress bar among `callbacks`
-    (`callbacks.progress_bar=null`) it turns off the bar Lightning would add instead, unless `trainer.enable_progress_bar`
-    says otherwise.
+    and, through `TorchSwitches`, in every process `ddp_spawn` starts. `flush_denormal` (default true) has every CPU
+    thread read and write subnormal floats as zero while the Trainer runs (`TorchSwitches` says why). Without a
+    progress bar among `callbacks` (`callbacks.progress_bar=null`) it turns off the bar Lightning would add instead,
+    unless `trainer.enable_progress_bar` says otherwise.
     """
     import torch
     from lightning.pytorch.callbacks import ProgressBar
@@ -115,8 +115,8 @@ def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> 
     extra = {}
     if "enable_progress_bar" not in cfg.trainer and not any(isinstance(cb, ProgressBar) for cb in callbacks):
         extra["enable_progress_bar"] = False  # `callbacks.progress_bar=null` means no bar, not Lightning's own
-    trainer = instantiate_section("trainer", cfg.trainer, callbacks=[*callbacks, TorchSwitches(fill, flush)], logger=loggers or False,
-                                  **extra)
+    trainer = instantiate_section("trainer", cfg.trainer, callbacks=[*callbacks, TorchSwitches(fill, flush)],
+                                  logger=loggers or False, **extra)
     torch.utils.deterministic.fill_uninitialized_memory = fill
     return trainer
 

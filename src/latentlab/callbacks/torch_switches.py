@@ -61,7 +61,7 @@ class TorchSwitches(L.Callback):
       from `setup` to `teardown` (then the caller's setting is back). On an Intel CPU each operation on a subnormal
       takes a microcode assist of ~100 cycles: Adam's first moment of the weights on MNIST's rarely-inked border
       pixels decays by 0.9 a step into the subnormal range and stays there (0.9 x the smallest subnormal rounds back
-      to it), a fifth of its entries by step 1,200, and the fused Adam step then took 4.2 ms instead of 0.7 (2
+      to it), a fifth of its entries by step 2,000, and the fused Adam step then took 4.2 ms instead of 0.7 (2
       threads, 2026-12-07). An update from such a moment is below 1e-33 x lr, far below what changes a float32
       weight: 3,000 steps of the MNIST VAE gave the same losses and weights bit for bit (README, Benchmarks).
       TensorFlow flushes them in its threads by default too.
