@@ -111,13 +111,13 @@ def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> 
 
     from latentlab.callbacks.torch_switches import TorchSwitches
 
-    fill, flush = bool(cfg.get("fill_uninitialized_memory", False)), bool(cfg.get("flush_denormal", True))
+    switches = TorchSwitches.from_config(cfg)
     extra = {}
     if "enable_progress_bar" not in cfg.trainer and not any(isinstance(cb, ProgressBar) for cb in callbacks):
         extra["enable_progress_bar"] = False  # `callbacks.progress_bar=null` means no bar, not Lightning's own
-    trainer = instantiate_section("trainer", cfg.trainer, callbacks=[*callbacks, TorchSwitches(fill, flush)],
-                                  logger=loggers or False, **extra)
-    torch.utils.deterministic.fill_uninitialized_memory = fill
+    trainer = instantiate_section("trainer", cfg.trainer, callbacks=[*callbacks, switches], logger=loggers or False,
+                                  **extra)
+    torch.utils.deterministic.fill_uninitialized_memory = switches.fill
     return trainer
 
 

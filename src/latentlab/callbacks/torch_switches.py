@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -70,6 +71,12 @@ class TorchSwitches(L.Callback):
     def __init__(self, fill: bool, flush_denormal: bool = True) -> None:
         self.fill, self.flush_denormal = bool(fill), bool(flush_denormal)
         self._flushing_before: bool | None = None
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "TorchSwitches":
+        """From a run config's top level (latentlab-train's, latentlab-eval's or latentlab-cli's), with their defaults:
+        `fill_uninitialized_memory` false, `flush_denormal` true."""
+        return cls(config.get("fill_uninitialized_memory", False), config.get("flush_denormal", True))
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         torch.utils.deterministic.fill_uninitialized_memory = self.fill

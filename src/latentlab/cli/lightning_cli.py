@@ -99,10 +99,9 @@ class LatentlabCLI(LightningCLI):
         if self.subcommand in (None, "fit"):  # what only the built model can tell, for training
             check_model_against_trainer({"trainer": config.get("trainer") or {}}, self.model)
         self.model.run_config = hydra_layout(config)
-        fill = bool(config.get("fill_uninitialized_memory", False))
-        torch.utils.deterministic.fill_uninitialized_memory = fill
-        flush = bool(config.get("flush_denormal", True))
-        self.trainer.callbacks.append(TorchSwitches(fill, flush))  # and in the processes ddp_spawn starts
+        switches = TorchSwitches.from_config(config)
+        torch.utils.deterministic.fill_uninitialized_memory = switches.fill
+        self.trainer.callbacks.append(switches)  # and in the processes ddp_spawn starts
         self._method_progress_bar()
 
     def _method_progress_bar(self) -> None:
